@@ -1,0 +1,284 @@
+"""PASs-MoE: a mixture of LoRA experts gated by their own activation energy.
+
+Reference implementation of "PASs-MoE: Mitigating Misaligned Co-drift among Router and
+Experts via Pathway Activation Subspaces for Continual Learning" (arXiv 2601.13020).
+This file depends on torch and einops only: copy it into any project and wrap any
+`nn.Linear`.
+
+A frozen linear layer W gets E LoRA experts (A_e: r x d_in, B_e: d_out x r). For one
+token h:
+
+    z_e   = A_e h                               low-rank response          Eq. 4/8
+    s_e   = ||z_e||^2 / r                       activation energy          Eq. 6
+    pi    = softmax(s / tau)                    PASs-guided reweighting    Eq. 7
+    y     = W h + (alpha / r) sum_e pi_e B_e z_e                           Eq. 3
+    I_ek  = mean over task tokens of pi_e z_ek^2   rank importance         Eq. 9
+    I_agg = sum over finished tasks of I           aggregated importance   Eq. 10
+    L     = L_task + lambda_A sum w_ek ||a_ek - a*_ek||^2
+                   + lambda_B sum w_ek ||b_ek - b*_ek||^2                  Eq. 11
+
+    paper                          code
+    Eq. 3, 4, 6, 7 (layer, gate)   PASsMoELinear.forward, PASsMoELinear.gate
+    Eq. 9 (task importance)        track_importance, PASsMoELinear.task_importance
+    Eq. 10 (aggregation, anchors)  end_task
+    w = clip(I_agg / mean, 0, c)   PASsMoELinear.stab_weights
+    Eq. 11 (stabilization loss)    stabilization_loss
+
+Axis key used in shapes: n tokens (any leading dims flattened), e experts, r rank per
+expert, d input features, o output features.
+
+The gate depends on the input, so unlike a plain LoRA the update cannot be merged into W.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections import namedtuple
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+GATES = ("pas", "softmax", "topk", "single")
+REGS = ("pas", "random", "none")
+
+
+@dataclass
+class PASsConfig:
+    num_experts: int = 6  # E, fixed for the whole stream (the method never grows the pool)
+    rank: int = 8  # r, per expert: total adapter rank is E * r
+    alpha: float = 16.0  # LoRA alpha; the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input (LoRA convention)
+    gate: str = "pas"  # "pas" energy gate | "softmax" / "topk" learned router | "single" plain LoRA
+    top_k: int = 2  # experts kept per token by gate="topk"
+    temperature: float = 1.0  # tau in softmax(s / tau); 1 reproduces the paper's Eq. 7
+    lambda_a: float = 5e-4  # weight of the A-row stabilization term (paper section 5.1)
+    lambda_b: float = 5e-5  # weight of the B-column stabilization term (paper section 5.1)
+    weight_clip: float = 10.0  # c in w = clip(I_agg / mean(I_agg), 0, c)
+    reg: str = "pas"  # "pas" importance weights | "random" the same weights permuted | "none"
+    seed: int = 0  # seeds the permutation of reg="random" (one per layer)
+
+    def __post_init__(self):
+        if self.gate not in GATES:
+            raise ValueError(f"PASsConfig.gate={self.gate!r}: choose one of {GATES}")
+        if self.reg not in REGS:
+            raise ValueError(f"PASsConfig.reg={self.reg!r}: choose one of {REGS}")
+        if self.num_experts < 1:
+            raise ValueError(f"PASsConfig.num_experts={self.num_experts}: need at least 1 expert")
+        if self.rank < 1:
+            raise ValueError(f"PASsConfig.rank={self.rank}: the rank per expert must be >= 1")
+        if self.gate == "single" and self.num_experts != 1:
+            raise ValueError(f'gate="single" is one plain LoRA: set num_experts=1 (got {self.num_experts})')
+        if self.gate == "topk" and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"PASsConfig.top_k={self.top_k}: must lie in 1..num_experts={self.num_experts}")
+        if self.temperature <= 0 or self.weight_clip <= 0:
+            raise ValueError("PASsConfig.temperature and weight_clip must be positive")
+
+
+def _in_backward() -> bool:
+    # Gradient checkpointing re-runs forwards inside the backward pass; those replays must
+    # not count their tokens a second time. The autograd engine reports a graph task id
+    # only while it is executing a backward pass.
+    return torch._C._current_graph_task_id() != -1
+
+
+class PASsMoELinear(nn.Module):
+    """A frozen `nn.Linear` plus E LoRA experts mixed by the gate of `cfg.gate`.
+
+    `index` only seeds this layer's permutation for reg="random" (`inject` numbers layers).
+    """
+
+    def __init__(self, base: nn.Linear, cfg: PASsConfig, index: int = 0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"PASsMoELinear wraps an nn.Linear, got {type(base).__name__}")
+        self.cfg = cfg
+        self.base = base.requires_grad_(False)
+        E, r, d, o = cfg.num_experts, cfg.rank, base.in_features, base.out_features
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.scaling = cfg.alpha / r
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(E, r, d, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(E, o, r, **factory))
+        for A_e in self.lora_A.data:  # each expert initialised like one LoRA A (loralib, PEFT)
+            nn.init.kaiming_uniform_(A_e, a=math.sqrt(5))
+        learned = cfg.gate in ("softmax", "topk")
+        self.router = nn.Linear(d, E, bias=False, **factory) if learned else None
+
+        # Continual state lives in buffers so that state_dict() carries all of it.
+        stat = dict(device=base.weight.device, dtype=torch.float32)
+        self.register_buffer("task_importance_sum", torch.zeros(E, r, **stat))  # sum of pi_e z_ek^2
+        self.register_buffer("task_tokens", torch.zeros((), dtype=torch.long, device=stat["device"]))
+        self.register_buffer("importance_agg", torch.zeros(E, r, **stat))  # Eq. 10
+        self.register_buffer("anchor_A", self.lora_A.detach().clone())  # a* (rows of A)
+        self.register_buffer("anchor_B", self.lora_B.detach().clone())  # b* (columns of B)
+        if cfg.reg == "random":
+            g = torch.Generator().manual_seed(cfg.seed * 100_003 + index)
+            self.register_buffer("perm", torch.randperm(E * r, generator=g).to(stat["device"]))
+        self._token_mask = None  # set by track_importance while it is active
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"experts={c.num_experts}, rank={c.rank}, gate={c.gate}, reg={c.reg}, scaling={self.scaling:g}"
+
+    # ---- the gate (Eq. 6-7 and the baselines' routers) ----
+
+    def _mixture(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Mixture weights pi (..., e) from the input x (..., d) and responses z (..., e, r)."""
+        if self.cfg.gate == "single":
+            return z.new_ones(z.shape[:-1])
+        if self.cfg.gate == "pas":  # energy s_e = ||z_e||^2 / r, in fp32 also under bf16
+            logits = z.float().pow(2).mean(dim=-1)
+        else:
+            logits = self.router(x).float()
+            if self.cfg.gate == "topk":  # keep the k largest logits, softmax over them only
+                top = logits.topk(self.cfg.top_k, dim=-1).indices
+                kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
+                logits = logits.masked_fill(~kept, float("-inf"))
+        return torch.softmax(logits / self.cfg.temperature, dim=-1).to(z.dtype)
+
+    def _responses(self, h: torch.Tensor) -> torch.Tensor:
+        """z_e = A_e h for all experts in one GEMM: (..., d) -> (..., e, r)."""
+        A_cat = rearrange(self.lora_A, "e r d -> (e r) d")
+        return rearrange(F.linear(h, A_cat), "... (e r) -> ... e r", e=self.cfg.num_experts)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """Mixture weights pi: (..., d) -> (..., e); each row sums to 1."""
+        return self._mixture(x, self._responses(self.drop(x)))
+
+    # ---- forward (Eq. 3) ----
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., o). Two GEMMs of total rank E*r; the gate acts in rank space."""
+        z = self._responses(self.drop(x))  # (..., e, r)
+        pi = self._mixture(x, z)  # (..., e)
+        if self._token_mask is not None and not _in_backward():
+            self._accumulate(z.detach(), pi.detach())
+        gated = rearrange(z * pi.unsqueeze(-1), "... e r -> ... (e r)")
+        B_cat = rearrange(self.lora_B, "e o r -> o (e r)")
+        return self.base(x) + F.linear(gated, B_cat) * self.scaling
+
+    # ---- importance (Eq. 9-10) ----
+
+    def _accumulate(self, z: torch.Tensor, pi: torch.Tensor) -> None:
+        mask = self._token_mask
+        if mask is True:  # track_importance(token_mask=None): every token counts
+            mask = torch.ones(z.shape[:-2], dtype=torch.bool, device=z.device)
+        if mask.shape != z.shape[:-2]:
+            raise ValueError(
+                f"token_mask has shape {tuple(mask.shape)} but this layer sees tokens of shape "
+                f"{tuple(z.shape[:-2])}: pass the attention mask that matches the hidden states"
+            )
+        keep = mask.to(z.device, torch.bool)
+        z, pi = z[keep].float(), pi[keep].float()  # (n, e, r), (n, e)
+        self.task_importance_sum += torch.einsum("ne,ner->er", pi, z.pow(2))
+        self.task_tokens += keep.sum()
+
+    def task_importance(self) -> torch.Tensor:
+        """I(t) of Eq. 9: (e, r), the mean of pi_e z_ek^2 over the tokens counted so far."""
+        if self.task_tokens.item() == 0:
+            raise RuntimeError(
+                "no tokens were counted for this task: run forwards inside "
+                "`with track_importance(model, token_mask):` before end_task"
+            )
+        return self.task_importance_sum / self.task_tokens
+
+    def stab_weights(self) -> torch.Tensor:
+        """w = clip(I_agg / mean(I_agg), 0, c): (e, r); zeros before the first end_task."""
+        agg = self.importance_agg
+        w = (agg / agg.mean().clamp_min(torch.finfo(agg.dtype).tiny)).clamp(0, self.cfg.weight_clip)
+        if self.cfg.reg == "random":  # same values, no targeting (paper Table 7)
+            w = w.flatten()[self.perm].view_as(w)
+        return w
+
+
+# ---- model-level helpers ----
+
+
+def pas_layers(model: nn.Module) -> dict[str, PASsMoELinear]:
+    """All PASs layers of a model, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, PASsMoELinear)}
+
+
+def inject(model: nn.Module, cfg: PASsConfig, target: str = r"(q|k|v|o|gate|up|down)_proj$") -> list[str]:
+    """Replace every nn.Linear whose full name matches `target` (re.search) by a PASs layer.
+
+    Returns the wrapped names. Freezes only the wrapped bases; freezing the rest of the
+    model is the caller's choice.
+    """
+    if pas_layers(model):
+        raise RuntimeError("this model already holds PASs layers; inject into a fresh model")
+    pattern = re.compile(target)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(n)]
+    if not names:
+        raise ValueError(f"no nn.Linear in the model matches target={target!r}")
+    for index, name in enumerate(names):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, PASsMoELinear(getattr(parent, child), cfg, index=index))
+    return names
+
+
+@contextlib.contextmanager
+def track_importance(model: nn.Module, token_mask: torch.Tensor | None = None):
+    """While active, each PASs layer adds sum_tokens pi_e z_ek^2 and its token count.
+
+    token_mask: (b, n) bool (the attention mask; padding = False), or None for all tokens.
+    Forwards replayed by gradient checkpointing inside backward are not counted.
+    """
+    layers = pas_layers(model).values()
+    for layer in layers:
+        layer._token_mask = True if token_mask is None else token_mask
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._token_mask = None
+
+
+@torch.no_grad()
+def end_task(model: nn.Module) -> None:
+    """Close a task: I_agg += I(t) (Eq. 10), anchors <- current A and B, reset counters.
+
+    Under torch.distributed the per-rank sums and token counts are all-reduced first, so
+    every rank ends with the same statistics.
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    for layer in pas_layers(model).values():
+        if distributed:
+            torch.distributed.all_reduce(layer.task_importance_sum)
+            torch.distributed.all_reduce(layer.task_tokens)
+        layer.importance_agg += layer.task_importance()
+        layer.anchor_A.copy_(layer.lora_A)
+        layer.anchor_B.copy_(layer.lora_B)
+        layer.task_importance_sum.zero_()
+        layer.task_tokens.zero_()
+
+
+StabLoss = namedtuple("StabLoss", "total a b")
+
+
+def stabilization_loss(model: nn.Module) -> StabLoss:
+    """Eq. 11 summed over all PASs layers: total = lambda_a * a + lambda_b * b.
+
+    a = sum_ek w_ek ||A[e, k, :] - A*[e, k, :]||^2   (rows of A)
+    b = sum_ek w_ek ||B[e, :, k] - B*[e, :, k]||^2   (columns of B)
+    """
+    a = b = total = None
+    for layer in pas_layers(model).values():
+        if layer.cfg.reg == "none":
+            continue
+        w = layer.stab_weights()  # (e, r)
+        drift_a = (layer.lora_A.float() - layer.anchor_A.float()).pow(2).sum(dim=2)  # (e, r)
+        drift_b = (layer.lora_B.float() - layer.anchor_B.float()).pow(2).sum(dim=1)  # (e, r)
+        la, lb = (w * drift_a).sum(), (w * drift_b).sum()
+        part = layer.cfg.lambda_a * la + layer.cfg.lambda_b * lb
+        a, b, total = (la, lb, part) if a is None else (a + la, b + lb, total + part)
+    if a is None:
+        zero = torch.zeros(())
+        return StabLoss(zero, zero, zero)
+    return StabLoss(total, a, b)
