@@ -1,0 +1,360 @@
+"""PASs layers inside LLaVA-1.5 (transformers `LlavaForConditionalGeneration`).
+
+    add_adapters(model, cfg)        PASs layers on q,k,v,o,gate,up,down of every decoder layer
+                                    of the language model (the paper's protocol), rest frozen
+    tiny_llava(seed)                a small LLaVA-1.5 built in code with its own tokenizer
+    pretrained_tiny(cache_dir)      the tiny model after a short generic pretraining, cached
+    load_llava(name_or_path)        the real llava-hf/llava-1.5-7b-hf (local dir or the hub)
+    generate(bundle, batch)         batched greedy decoding, left padding
+    save_adapters / load_adapters   only what the method trains and tracks, in safetensors
+
+The tiny model has the module layout of llava-1.5-7b-hf, so the same injection pattern,
+adapter files and training code run on both. Token masks: data.Collator expands <image>
+itself, so a batch's attention mask lines up with the language model's hidden states and
+is what `pasmoe.track_importance` receives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import data
+from pasmoe import PASsConfig, inject, pas_layers
+
+# The paper puts adapters on every linear layer of the language model and nowhere else.
+# Anchored on language_model: CLIP's attention in the vision tower also has q/k/v_proj.
+TARGET = r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+PER_DECODER_LAYER = 7
+PROJECTOR = "model.multi_modal_projector"
+
+
+@dataclass
+class LlavaBundle:
+    """A model with what it takes to feed it."""
+
+    model: nn.Module
+    tokenizer: object  # Hugging Face tokenizer with <image>, pad, bos, eos
+    num_image_tokens: int  # positions one image fills in the sequence
+    load_image: Callable  # image field (tensor in [0, 1], or a file path) -> pixel tensor (3, H, W)
+    name: str  # where the base came from: "tiny-<hash>" or a checkpoint name/path
+    info: dict = field(default_factory=dict)  # e.g. the tiny base's pretraining report
+
+
+# ---- adapters ----
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def add_adapters(model: nn.Module, cfg: PASsConfig, train_projector: bool = False, verbose: bool = True) -> list[str]:
+    """Freeze the model, put PASs layers on the language model's linear layers, report counts."""
+    model.requires_grad_(False)
+    names = inject(model, cfg, target=TARGET)
+    n_layers = model.config.text_config.num_hidden_layers
+    if len(names) != PER_DECODER_LAYER * n_layers:
+        raise RuntimeError(f"wrapped {len(names)} linear layers, expected {PER_DECODER_LAYER} x {n_layers} "
+                           f"decoder layers: is this a LLaVA-1.5 (Llama) language model?")
+    for layer in pas_layers(model).values():
+        # Adapters and their statistics in fp32 whatever the base's dtype (bf16 bases run
+        # under torch.autocast): bf16 would round away small updates and drifts.
+        for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
+            if not name.startswith("base.") and t.is_floating_point():
+                t.data = t.data.float()
+        for p in (layer.lora_A, layer.lora_B, *(layer.router.parameters() if layer.router else ())):
+            p.requires_grad_(True)
+    if train_projector:
+        model.get_submodule(PROJECTOR).requires_grad_(True)
+    if verbose:
+        trainable, total = count_parameters(model)
+        print(f"PASs layers: {len(names)} ({PER_DECODER_LAYER} per decoder layer x {n_layers}); "
+              f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    return names
+
+
+# ---- the tiny LLaVA ----
+
+
+@dataclass
+class TinyConfig:
+    vision_hidden: int = 128  # CLIP width
+    vision_layers: int = 2
+    text_hidden: int = 128  # Llama width
+    text_layers: int = 2
+    text_intermediate: int = 256
+    heads: int = 4
+    image_size: int = data.SIZE  # 32 x 32 images
+    patch_size: int = 16  # one patch per quadrant, where the sanity images put their objects: 4 image tokens
+    pretrain_steps: int = 2500  # projector + language model trained on data.pretrain_mixture
+    pretrain_lr: float = 1e-3
+    pretrain_batch: int = 16
+    seed: int = 0
+
+
+def tiny_tokenizer():
+    """Word-level tokenizer over the sanity stream's vocabulary; spaces are tokens too, so
+    decoding gives back the exact text."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+    vocab = {w: i for i, w in enumerate(specials + data.vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\s"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", additional_special_tokens=["<image>"], padding_side="left")
+
+
+def _tensor_image(image) -> torch.Tensor:
+    """Tiny model's preprocessing: a (3, H, W) tensor in [0, 1] or an image file -> 32 x 32, centred."""
+    if not torch.is_tensor(image):
+        from PIL import Image
+
+        with Image.open(image) as im:
+            im = im.convert("RGB").resize((data.SIZE, data.SIZE))
+            image = torch.tensor(list(im.getdata()), dtype=torch.float).view(data.SIZE, data.SIZE, 3).permute(2, 0, 1) / 255
+    return (image - 0.5) / 0.5
+
+
+def tiny_llava(cfg: TinyConfig = TinyConfig()) -> LlavaBundle:
+    """A randomly initialised LLaVA-1.5 of the 7B's layout, small enough for CPU."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tok = tiny_tokenizer()
+    n_image = (cfg.image_size // cfg.patch_size) ** 2
+    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
+                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.heads,
+                              image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
+    text = LlamaConfig(hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+                       num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+                       vocab_size=len(tok), max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=n_image,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return LlavaBundle(model, tok, n_image, _tensor_image, name="tiny")
+
+
+def _tiny_key(cfg: TinyConfig) -> str:
+    """Cache key: the tiny config, the vocabulary, the building code and the pretraining data."""
+    code = inspect.getsource(tiny_llava) + inspect.getsource(_pretrain)
+    digest = hashlib.sha256(json.dumps([asdict(cfg), data.vocabulary(), code], sort_keys=True).encode())
+    for ex in data.pretrain_mixture(cfg.seed):
+        digest.update((ex.problem + ex.solution).encode())
+        if ex.image is not None:
+            digest.update(ex.image.numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def _pretrain(bundle: LlavaBundle, cfg: TinyConfig) -> dict:
+    """Train the tiny model's projector and language model on the generic mixture; returns
+    held-out exact match per kind."""
+    from tqdm import tqdm
+
+    mixture = list(data.pretrain_mixture(cfg.seed))
+    held_out, train = mixture[:200], mixture[200:]
+    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, bundle.load_image, max_length=256)
+    model = bundle.model.train()
+    # The vision tower keeps its random init, as LLaVA keeps CLIP frozen: trained jointly
+    # here, it collapses onto colour and position within a few hundred steps and loses the
+    # shape and glyph information that a random tower still carries.
+    model.model.vision_tower.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.0)
+    rng = random.Random(cfg.seed)
+    for step in tqdm(range(cfg.pretrain_steps), desc="pretraining tiny LLaVA", leave=False):
+        lr = cfg.pretrain_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / cfg.pretrain_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = model(**collate.train(rng.sample(train, cfg.pretrain_batch))).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    hits: dict[str, list[bool]] = {}
+    for i in range(0, len(held_out), 50):
+        chunk = held_out[i:i + 50]
+        preds = generate(bundle, collate.prompts(chunk), max_new_tokens=24)
+        for p, ex in zip(preds, chunk):
+            hits.setdefault(ex.task.removeprefix("pretrain-"), []).append(p.strip() == ex.solution)
+    every = [h for kind in hits.values() for h in kind]
+    return {"pretrain_steps": cfg.pretrain_steps, "final_loss": round(loss.item(), 4),
+            "held_out_exact_match": round(100 * sum(every) / len(every), 2), "held_out": len(every),
+            "per_kind": {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())}}
+
+
+def pretrained_tiny(cache_dir: str | Path = "cache", cfg: TinyConfig = TinyConfig()) -> LlavaBundle:
+    """The tiny LLaVA after generic pretraining: loaded from cache_dir, or built (about two
+    minutes on 2 CPU cores) and cached under a key of its config and data."""
+    from transformers import LlavaForConditionalGeneration
+
+    path = Path(cache_dir) / f"tiny-llava-{_tiny_key(cfg)}"
+    bundle = tiny_llava(cfg)
+    bundle.name = path.name
+    if (path / "model.safetensors").exists():
+        bundle.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+        bundle.info = json.loads((path / "pretrain.json").read_text())
+        return bundle
+    print(f"building the pretrained tiny base in {path} (once; cached)")
+    start = time.time()
+    bundle.info = _pretrain(bundle, cfg) | {"seconds": round(time.time() - start, 1)}
+    print(f"tiny base: held-out exact match {bundle.info['held_out_exact_match']:.1f}% "
+          f"(per kind {bundle.info['per_kind']}) after {cfg.pretrain_steps} steps ({bundle.info['seconds']} s)")
+    tmp = Path(tempfile.mkdtemp(dir=path.parent if path.parent.exists() else None, prefix=".tmp-"))
+    bundle.model.save_pretrained(tmp)
+    (tmp / "pretrain.json").write_text(json.dumps(bundle.info, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, path)  # atomic: a half-written cache never looks complete
+    return bundle
+
+
+# ---- the real model ----
+
+
+def load_llava(name_or_path: str = "llava-hf/llava-1.5-7b-hf", dtype=torch.bfloat16, device=None) -> LlavaBundle:
+    """LLaVA-1.5 from a local directory or the hub. About 14 GB of weights in bf16/fp16;
+    training with adapters (E=6, r=128) at batch 12 x 1536 tokens needs an 80 GB GPU per
+    process, or gradient checkpointing on smaller ones."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    model = LlavaForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
+    if device is not None:
+        model.to(device)
+    tok = processor.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token
+    model.generation_config.pad_token_id = tok.pad_token_id
+    num_image_tokens = model.config.image_seq_length  # 576 for CLIP-L/14-336
+
+    def load_image(image):
+        if torch.is_tensor(image):  # sanity-stream tensors in [0, 1]
+            image = image.clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()
+        else:
+            from PIL import Image
+
+            with Image.open(image) as im:
+                image = im.convert("RGB")
+        return processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+    return LlavaBundle(model, tok, num_image_tokens, load_image, name=str(name_or_path))
+
+
+# ---- generation ----
+
+
+@torch.no_grad()
+def generate(bundle: LlavaBundle, batch: dict, max_new_tokens: int = 64) -> list[str]:
+    """Greedy answers for a left-padded prompt batch (data.Collator.prompts)."""
+    model, tok = bundle.model, bundle.tokenizer
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                         suppress_tokens=[model.config.image_token_index],
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model.train(was_training)
+    new = out[:, batch["input_ids"].shape[1]:]
+    return tok.batch_decode(new, skip_special_tokens=True)
+
+
+# ---- adapter files ----
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What the method trains and tracks: PASs parameters and buffers, and the projector if trained."""
+    state = {}
+    for name, layer in pas_layers(model).items():
+        for key, value in layer.state_dict().items():
+            if not key.startswith("base."):
+                state[f"{name}.{key}"] = value
+    projector = model.get_submodule(PROJECTOR)
+    if any(p.requires_grad for p in projector.parameters()):
+        state |= {f"{PROJECTOR}.{k}": v for k, v in projector.state_dict().items()}
+    return state
+
+
+def _base_fingerprint(model: nn.Module) -> str:
+    text = model.config.text_config
+    return f"{text.model_type}-h{text.hidden_size}-l{text.num_hidden_layers}-v{text.vocab_size}"
+
+
+def save_adapters(model: nn.Module, path: str | Path, meta: dict | None = None) -> None:
+    """Write adapters + PASs config as safetensors, atomically (temp file, then rename)."""
+    from safetensors.torch import save_file
+
+    layers = pas_layers(model)
+    cfg = next(iter(layers.values())).cfg
+    header = {"pas_config": json.dumps(asdict(cfg)), "targets": json.dumps(sorted(layers)),
+              "base": _base_fingerprint(model), "meta": json.dumps(meta or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model).items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    save_file(tensors, tmp, metadata=header)
+    os.replace(tmp, path)
+
+
+def read_adapter_header(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    return {"pas_config": json.loads(header["pas_config"]), "targets": json.loads(header["targets"]),
+            "base": header["base"], "meta": json.loads(header["meta"])}
+
+
+def load_adapters(model: nn.Module, path: str | Path) -> dict:
+    """Load an adapter file into a model that holds PASs layers; any mismatch is an error
+    that names what differs. Returns the file's meta dict."""
+    from safetensors.torch import load_file
+
+    header = read_adapter_header(path)
+    layers = pas_layers(model)
+    if not layers:
+        raise ValueError(f"{path}: the model has no PASs layers; call add_adapters with the file's config first")
+    cfg = asdict(next(iter(layers.values())).cfg)
+    diffs = [f"{k}: file {header['pas_config'].get(k)!r} vs model {v!r}" for k, v in cfg.items()
+             if header["pas_config"].get(k) != v]
+    if sorted(layers) != header["targets"]:
+        diffs.append(f"wrapped modules: file has {len(header['targets'])}, model has {len(layers)}")
+    if header["base"] != _base_fingerprint(model):
+        diffs.append(f"base model: file {header['base']} vs model {_base_fingerprint(model)}")
+    if diffs:
+        raise ValueError(f"{path} does not fit this model:\n  " + "\n  ".join(diffs))
+    tensors = load_file(str(path))
+    expected = adapter_state(model)
+    extra = sorted(set(tensors) - set(expected))
+    if extra:  # the projector was trained for the file but is frozen here
+        raise ValueError(f"{path} holds tensors this model does not train: {extra[:3]}... (train_projector?)")
+    with torch.no_grad():
+        for key, value in expected.items():
+            if key not in tensors:
+                raise ValueError(f"{path} lacks {key}")
+            if tensors[key].shape != value.shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, model {tuple(value.shape)}")
+            value.copy_(tensors[key])
+    return header["meta"]

@@ -1,0 +1,198 @@
+"""llava_wrap.py on the tiny LLaVA (random init: fast, offline)."""
+
+import copy
+import re
+
+import pytest
+import torch
+
+import data
+import llava_wrap as lw
+from pasmoe import PASsConfig, end_task, pas_layers, track_importance
+
+CFG = PASsConfig(num_experts=3, rank=2, alpha=4.0)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return lw.tiny_llava(lw.TinyConfig(text_layers=2))
+
+
+@pytest.fixture
+def bundle(base):
+    b = copy.copy(base)
+    b.model = copy.deepcopy(base.model)
+    return b
+
+
+def examples(n=4, task="art"):
+    return data.sanity_stream(n_train=8, n_test=8)[data.TASKS.index(task)].train[:n]
+
+
+def collator(b, max_length=256):
+    return data.Collator(b.tokenizer, b.num_image_tokens, b.load_image, max_length)
+
+
+def randomize_adapters(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in pas_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
+
+
+def test_wraps_exactly_the_language_model_linears(bundle):
+    names = lw.add_adapters(bundle.model, CFG, verbose=False)
+    assert len(names) == 7 * bundle.model.config.text_config.num_hidden_layers
+    assert all(n.startswith("model.language_model.layers.") for n in names)
+    kinds = sorted({n.rsplit(".", 1)[1] for n in names})
+    assert kinds == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    trainable = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
+    assert trainable and all(re.search(r"\.(lora_A|lora_B)$", n) for n in trainable)
+    assert not any("vision_tower" in n or "multi_modal_projector" in n for n in trainable)
+
+
+def test_projector_option_trains_it_too(bundle):
+    lw.add_adapters(bundle.model, CFG, train_projector=True, verbose=False)
+    trainable = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
+    assert any(n.startswith(lw.PROJECTOR) for n in trainable)
+
+
+def test_logits_equal_unwrapped_model_at_init(bundle, base):
+    batch = collator(bundle).train(examples())
+    batch.pop("labels")
+    lw.add_adapters(bundle.model, PASsConfig(num_experts=3, rank=2, gate="softmax"), verbose=False)
+    with torch.no_grad():
+        assert torch.equal(bundle.model(**batch).logits, base.model(**batch).logits)
+
+
+def test_a_training_step_lowers_the_loss(bundle):
+    lw.add_adapters(bundle.model, CFG, verbose=False)
+    batch = collator(bundle).train(examples(8))
+    opt = torch.optim.AdamW([p for p in bundle.model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = bundle.model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def importance_of(model, batches):
+    with torch.no_grad():
+        for batch in batches:
+            batch = dict(batch)
+            batch.pop("labels")
+            with track_importance(model, token_mask=batch["attention_mask"].bool()):
+                model(**batch)
+    return {n: (l.task_importance_sum.clone(), l.task_tokens.item()) for n, l in pas_layers(model).items()}
+
+
+def test_importance_excludes_padding(bundle):
+    lw.add_adapters(bundle.model, CFG, verbose=False)
+    randomize_adapters(bundle.model)
+    col, exs = collator(bundle), examples(3, "art") + examples(2, "fomc")
+    alone = importance_of(bundle.model, [col.train([ex]) for ex in exs])
+    for layer in pas_layers(bundle.model).values():
+        layer.task_importance_sum.zero_()
+        layer.task_tokens.zero_()
+    padded = col.train(exs)
+    extra = 40  # heavy padding on top of what the mixed lengths need
+    pad = torch.full((len(exs), extra), bundle.tokenizer.pad_token_id)
+    padded["input_ids"] = torch.cat([padded["input_ids"], pad], 1)
+    padded["attention_mask"] = torch.cat([padded["attention_mask"], torch.zeros_like(pad)], 1)
+    together = importance_of(bundle.model, [padded])
+    for name, (s, n) in alone.items():
+        assert together[name][1] == n
+        assert torch.allclose(together[name][0], s, rtol=1e-4, atol=1e-7), name
+
+
+def test_importance_counted_once_with_gradient_checkpointing(bundle):
+    lw.add_adapters(bundle.model, CFG, verbose=False)
+    bundle.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    bundle.model.train()
+    batch = collator(bundle).train(examples())
+    mask = batch["attention_mask"].bool()
+    with track_importance(bundle.model, token_mask=mask):
+        bundle.model(**batch).loss.backward()
+    layer = next(iter(pas_layers(bundle.model).values()))
+    assert layer.task_tokens.item() == mask.sum().item()
+    assert layer.lora_B.grad is not None
+
+
+def test_save_load_round_trip_and_mismatches(bundle, base, tmp_path):
+    lw.add_adapters(bundle.model, CFG, verbose=False)
+    randomize_adapters(bundle.model)
+    importance_of(bundle.model, [collator(bundle).train(examples())])
+    end_task(bundle.model)
+    path = tmp_path / "a.safetensors"
+    lw.save_adapters(bundle.model, path, meta={"task": "art"})
+
+    fresh = copy.deepcopy(base.model)
+    lw.add_adapters(fresh, CFG, verbose=False)
+    assert lw.load_adapters(fresh, path) == {"task": "art"}
+    batch = collator(bundle).train(examples())
+    batch.pop("labels")
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, bundle.model(**batch).logits)
+    for name, layer in pas_layers(fresh).items():
+        other = pas_layers(bundle.model)[name]
+        assert torch.equal(layer.importance_agg, other.importance_agg) and torch.equal(layer.anchor_A, other.anchor_A)
+
+    other_cfg = copy.deepcopy(base.model)
+    lw.add_adapters(other_cfg, PASsConfig(num_experts=4, rank=2, alpha=4.0), verbose=False)
+    with pytest.raises(ValueError, match="num_experts: file 3 vs model 4"):
+        lw.load_adapters(other_cfg, path)
+    other_base = lw.tiny_llava(lw.TinyConfig(text_layers=3)).model
+    lw.add_adapters(other_base, CFG, verbose=False)
+    with pytest.raises(ValueError, match="base model"):
+        lw.load_adapters(other_base, path)
+
+
+def test_generation_is_batched_with_left_padding(bundle):
+    lw.add_adapters(bundle.model, CFG, verbose=False)
+    randomize_adapters(bundle.model, seed=1)
+    col = collator(bundle)
+    exs = examples(2, "art") + examples(2, "fomc")  # different prompt lengths, with and without images
+    together = lw.generate(bundle, col.prompts(exs), max_new_tokens=6)
+    one_by_one = [lw.generate(bundle, col.prompts([ex]), max_new_tokens=6)[0] for ex in exs]
+    assert together == one_by_one
+    assert all("<image>" not in p for p in together)
+
+
+def test_bf16_base_with_fp32_adapters_under_autocast(bundle):
+    bundle.model.to(torch.bfloat16)
+    lw.add_adapters(bundle.model, CFG, verbose=False)
+    layer = next(iter(pas_layers(bundle.model).values()))
+    assert layer.lora_A.dtype == torch.float32 and layer.base.weight.dtype == torch.bfloat16
+    batch = collator(bundle).train(examples())
+    batch["pixel_values"] = batch["pixel_values"].bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = bundle.model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(layer.lora_A.grad).all() and layer.lora_A.grad.dtype == torch.float32
+
+
+def test_module_names_match_llava_7b_layout(bundle):
+    """The 7B's modules, built on the meta device (no memory), against the tiny model's."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    with torch.device("meta"):
+        big = LlavaForConditionalGeneration(config)
+    big_names = lw.add_adapters(big, CFG, verbose=False)
+    assert len(big_names) == 7 * 32
+    tiny_names = lw.add_adapters(bundle.model, CFG, verbose=False)
+
+    def shape(names):
+        return {re.sub(r"layers\.\d+", "layers.N", n) for n in names}
+
+    assert shape(big_names) == shape(tiny_names)
+    assert {n for n, _ in big.named_modules() if n.count(".") <= 1} == \
+           {n for n, _ in bundle.model.named_modules() if n.count(".") <= 1}

@@ -1,0 +1,454 @@
+"""The continual stream: train on tasks in order, evaluate after each, report forgetting.
+
+    python train_stream.py                                  pasmoe on the offline sanity stream (CPU)
+    python train_stream.py --method moelora --seed 1        a baseline
+    python train_stream.py --recipe paper --stream ctbench --data-root DIR \\
+        --model llava-hf/llava-1.5-7b-hf                    the paper's 7B recipe
+    torchrun --nproc_per_node=8 train_stream.py ...         data parallel (DDP)
+    python train_stream.py --resume runs/RUN                continue after the last finished task
+
+Per task: begin_task (fresh AdamW, cosine schedule with warmup), epochs of
+    loss = task loss + stabilization_loss(model)       (paper Eq. 11)
+then a no-grad statistics pass over the task's training data with the parameters that end
+the task (pasmoe.track_importance; Eq. 9), end_task (Eq. 10, anchors), a checkpoint, and
+evaluation on the tasks seen so far. Each task reseeds from (seed, task index), so a run
+resumed from a task checkpoint repeats an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import evaluate
+import llava_wrap
+from pasmoe import PASsConfig, end_task, pas_layers, stabilization_loss, track_importance
+
+METHODS = {  # method -> how the one PASs layer is switched (paper Tables 1, 2, 7)
+    "seqlora": dict(gate="single", reg="none"),  # one plain LoRA of the same total rank
+    "moelora-topk": dict(gate="topk", reg="none"),
+    "moelora": dict(gate="softmax", reg="none"),
+    "pas-rw": dict(gate="pas", reg="none"),
+    "pasmoe": dict(gate="pas", reg="pas"),  # the paper's method
+    "pasmoe-random": dict(gate="pas", reg="random"),
+}
+
+# The paper's LLaVA-1.5-7B recipe (SPEC section 7): E=6, r=128, alpha=256 and lr=2e-5 from
+# the benchmark code, 3 epochs, batch 12, max length 1536, bf16, seed 42.
+PAPER_RECIPE = dict(num_experts=6, rank=128, alpha=256.0, lr=2e-5, epochs=3, batch_size=12, max_length=1536,
+                    dtype="bfloat16", seed=42, eval="diag-last", max_new_tokens=512)
+
+
+@dataclass
+class RunConfig:
+    method: str = "pasmoe"  # one of METHODS
+    stream: str = "sanity"  # "sanity" (offline, built in) or "ctbench" (files under data_root)
+    data_root: str | None = None  # MLLM-CTBench root holding reasoning_train/ and reasoning_test/
+    image_root: str | None = None  # where the benchmark's image paths start (default: data_root)
+    model: str = "tiny"  # "tiny" (pretrained tiny LLaVA, cached) or a LLaVA-1.5 path / hub name
+    cache_dir: str = "cache"  # where the tiny base is cached
+    tiny_pretrain_steps: int = 2500  # pretraining steps of the tiny base (part of its cache key)
+    order: str = "A"  # "A", "B" (reverse) or comma-separated task keys
+    num_experts: int = 6  # E (seqlora: 1 expert of rank num_experts * rank)
+    rank: int = 4  # rank per expert
+    total_rank: int | None = None  # if set, split across experts: rank = total_rank // num_experts
+    alpha: float = 8.0  # LoRA alpha (scaling alpha / rank)
+    dropout: float = 0.0
+    top_k: int = 2  # moelora-topk
+    temperature: float = 1.0
+    lambda_a: float = 5e-4  # paper section 5.1
+    lambda_b: float = 5e-5  # paper section 5.1 (section 5.3.2 prefers 2.5e-4)
+    weight_clip: float = 10.0
+    train_projector: bool = False  # the paper trains adapters only
+    lr: float = 2e-3
+    epochs: int = 2
+    batch_size: int = 8  # global batch (split across DDP ranks)
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    max_length: int = 256
+    n_train: int = 320  # sanity stream: training items per task
+    n_test: int = 48  # sanity stream: test items per task
+    eval: str = "full"  # "full" lower triangle, or "diag-last": the new task, and all tasks at the end
+    eval_batch_size: int = 48
+    max_new_tokens: int = 32
+    probe_size: int = 8  # test items per task whose gates are kept for the router-drift analysis
+    dtype: str = "float32"  # "float32" or "bfloat16" (base weights; adapters stay fp32 under autocast)
+    gradient_checkpointing: bool = False
+    device: str | None = None  # default: cuda if available, else cpu
+    seed: int = 0
+    recipe: str | None = None  # "paper": PAPER_RECIPE under any explicit flag
+    out: str | None = None  # run directory (default runs/<time>-<method>-s<seed>)
+
+    def pas_config(self) -> PASsConfig:
+        spec = METHODS[self.method]
+        E, r = self.num_experts, self.rank
+        if self.total_rank is not None:
+            if self.total_rank % E:
+                raise ValueError(f"--total-rank {self.total_rank} does not split over {E} experts")
+            r = self.total_rank // E
+        alpha = self.alpha
+        if spec["gate"] == "single":  # same total rank and parameter count, same scaling alpha/r
+            E, r, alpha = 1, E * r, alpha * E
+        return PASsConfig(num_experts=E, rank=r, alpha=alpha,
+                          dropout=self.dropout, gate=spec["gate"], top_k=self.top_k, temperature=self.temperature,
+                          lambda_a=self.lambda_a, lambda_b=self.lambda_b, weight_clip=self.weight_clip,
+                          reg=spec["reg"], seed=self.seed)
+
+
+# ---- setup ----
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        # rank 0 evaluates alone while the others wait: allow long evaluations
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=6))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def load_tasks(cfg: RunConfig) -> list[data.Task]:
+    if cfg.stream == "sanity":
+        return data.sanity_stream(cfg.seed, cfg.order, cfg.n_train, cfg.n_test)
+    if cfg.stream == "ctbench":
+        if not cfg.data_root:
+            raise ValueError("--stream ctbench needs --data-root DIR (check it first: python data.py check DIR)")
+        return data.load_ctbench(cfg.data_root, cfg.order, cfg.image_root)
+    raise ValueError(f"unknown --stream {cfg.stream!r}: sanity or ctbench")
+
+
+def load_model(cfg: RunConfig, device: torch.device) -> llava_wrap.LlavaBundle:
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    if cfg.model == "tiny":
+        bundle = llava_wrap.pretrained_tiny(cfg.cache_dir, llava_wrap.TinyConfig(pretrain_steps=cfg.tiny_pretrain_steps))
+        bundle.model.to(device=device, dtype=dtype)
+    else:
+        bundle = llava_wrap.load_llava(cfg.model, dtype=dtype, device=device)
+    pas = cfg.pas_config()
+    llava_wrap.add_adapters(bundle.model, pas, train_projector=cfg.train_projector, verbose=is_main())
+    if cfg.gradient_checkpointing:
+        bundle.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return bundle
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def git_commit() -> str:
+    here = Path(__file__).parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- one task ----
+
+
+def task_loss(model, batch: dict, n_label_tokens: int, world: int) -> torch.Tensor:
+    """Next-token cross entropy summed over answer tokens, divided by the global count.
+    Times world size, because DDP averages gradients over ranks: the result equals one
+    process on the whole global batch."""
+    labels = batch.pop("labels")
+    logits = model(**batch).logits[:, :-1]
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=data.IGNORE, reduction="sum")
+    return loss * world / n_label_tokens
+
+
+def batches(examples: list, batch_size: int, seed: int, rank: int, world: int):
+    """Global batches in a seeded order; each rank takes every world-th example of each."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    for i in range(0, len(order), batch_size):
+        yield [examples[j] for j in order[i:i + batch_size][rank::world]]
+
+
+def autocast(cfg: RunConfig, device: torch.device):
+    """bf16 runs keep fp32 adapters; autocast feeds the GEMMs bf16."""
+    if cfg.dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: dict, device, dtype) -> dict:
+    out = {k: v.to(device) for k, v in batch.items()}
+    if "pixel_values" in out:
+        out["pixel_values"] = out["pixel_values"].to(dtype)
+    return out
+
+
+def train_task(cfg, t, task, bundle, model, collate, device, log, rank, world):
+    """Train one task: fresh AdamW, cosine schedule with warmup, loss = task + Eq. 11."""
+    seed_everything(cfg.seed * 1000 + t)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
+    total, warmup = cfg.epochs * steps_per_epoch, max(1, round(cfg.warmup_ratio * cfg.epochs * steps_per_epoch))
+    model.train()
+    step = 0
+    bar = tqdm(total=total, desc=f"task {t + 1} {task.key}", disable=not is_main(), leave=False)
+    for epoch in range(cfg.epochs):
+        for examples in batches(task.train, cfg.batch_size, cfg.seed * 1000 + t * 100 + epoch, rank, world):
+            lr = cfg.lr * (step + 1) / warmup if step < warmup else \
+                cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch = to_device(collate.train(examples), device, bundle.model.dtype)
+            n_tokens = (batch["labels"][:, 1:] != data.IGNORE).sum()
+            if world > 1:
+                dist.all_reduce(n_tokens)
+            with autocast(cfg, device):
+                loss_task = task_loss(model, batch, n_tokens.item(), world)
+            stab = stabilization_loss(bundle.model)
+            loss = loss_task + stab.total.to(loss_task.device)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss ({loss.item()}) in task {t + 1} ({task.key}) at step {step + 1}: the "
+                    f"checkpoint of the last completed task is intact; lower --lr or check the data, then --resume")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            log({"task": task.key, "step": step, "lr": lr, "loss": loss.item(), "task_loss": loss_task.item() / world,
+                 "stab_a": float(stab.a), "stab_b": float(stab.b)})
+            bar.update()
+            bar.set_postfix(loss=f"{loss_task.item() / world:.3f}")
+    bar.close()
+
+
+@torch.no_grad()
+def importance_pass(cfg, task, bundle, collate, device, rank, world) -> None:
+    """Eq. 9 with the parameters that end the task: every non-padding token of the task's
+    training data counts once (this rank's share; end_task all-reduces the sums)."""
+    model = bundle.model.eval()
+    for i in range(0, len(task.train), cfg.eval_batch_size):
+        examples = task.train[i:i + cfg.eval_batch_size][rank::world]
+        if not examples:
+            continue
+        batch = to_device(collate.train(examples), device, bundle.model.dtype)
+        batch.pop("labels")
+        with autocast(cfg, device), track_importance(model, token_mask=batch["attention_mask"].bool()):
+            model(**batch)
+
+
+@torch.no_grad()
+def evaluate_task(cfg, task, bundle, collate, device) -> tuple[float, list[dict]]:
+    """Greedy answers on the task's test set, scored with the benchmark's scorer."""
+    metric = evaluate.TASK_METRICS[task.key]
+    rows = []
+    for i in range(0, len(task.test), cfg.eval_batch_size):
+        examples = task.test[i:i + cfg.eval_batch_size]
+        batch = collate.prompts(examples)
+        with autocast(cfg, device):
+            preds = llava_wrap.generate(bundle, batch, cfg.max_new_tokens)
+        for ex, pred in zip(examples, preds):
+            rows.append({"id": ex.id, "prediction": pred, "reference": ex.solution,
+                         "score": evaluate.score(metric, pred, ex.solution)})
+    return sum(r["score"] for r in rows) / len(rows), rows
+
+
+@torch.no_grad()
+def probe_gates(cfg, task, bundle, collate, device) -> dict[str, torch.Tensor]:
+    """Mixture weights of every PASs layer on the first probe_size test items of a task:
+    {layer name: (real tokens, E)}, for the router-drift analysis (paper Fig. 3)."""
+    examples = task.test[:cfg.probe_size]
+    batch = to_device(collate.train(examples), device, bundle.model.dtype)
+    batch.pop("labels")
+    mask = batch["attention_mask"].bool()
+    gates, hooks = {}, []
+    for name, layer in pas_layers(bundle.model).items():
+        def hook(module, args, output, name=name):
+            gates[name] = module.gate(args[0])[mask].float().cpu()
+        hooks.append(layer.register_forward_hook(hook))
+    bundle.model.eval()
+    try:
+        with autocast(cfg, device):
+            bundle.model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return gates
+
+
+# ---- the run ----
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def environment(device) -> dict:
+    import transformers
+
+    return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "commit": git_commit(), "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "started": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv}
+
+
+def run(cfg: RunConfig, resume: Path | None = None) -> Path:
+    """Train the whole stream; returns the run directory."""
+    rank, world = distributed()
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
+    device = torch.device(cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"))
+    out = Path(resume or cfg.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}-{cfg.method}-s{cfg.seed}")
+    tasks = load_tasks(cfg)
+    keys = [t.key for t in tasks]
+    bundle = load_model(cfg, device)
+    model = bundle.model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, bundle.load_image, cfg.max_length)
+
+    state = {"completed": 0, "R": [[None] * len(tasks) for _ in tasks], "train_s": [], "eval_s": [], "truncated": {}}
+    if resume:
+        state = json.loads((out / "state.json").read_text()) if (out / "state.json").exists() else state
+        if state["completed"]:
+            llava_wrap.load_adapters(bundle.model, out / "ckpt" / f"task{state['completed']}.safetensors")
+        collate.truncated = {k: set(v) for k, v in state["truncated"].items()}
+        if is_main():
+            print(f"resuming {out} after task {state['completed']} of {len(tasks)}")
+            done = set(keys[:state["completed"]])  # drop the log lines of the interrupted task
+            lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
+            atomic_write(out / "log.jsonl", "".join(l + "\n" for l in lines if json.loads(l)["task"] in done))
+    elif is_main():
+        out.mkdir(parents=True, exist_ok=False)
+        (out / "ckpt").mkdir()
+        (out / "predictions").mkdir()
+        (out / "gates").mkdir()
+        config = asdict(cfg) | {"pas_config": asdict(cfg.pas_config()), "base": bundle.name, "base_info": bundle.info,
+                                "tasks": keys, "world_size": world} | environment(device)
+        atomic_write(out / "config.json", json.dumps(config, indent=1))
+        trainable, total = llava_wrap.count_parameters(bundle.model)
+        print(f"run directory {out}; {cfg.method}: {trainable:,} trainable parameters")
+    if world > 1:
+        dist.barrier()
+
+    log_file = open(out / "log.jsonl", "a") if is_main() else None
+    log = (lambda rec: log_file.write(json.dumps(rec) + "\n")) if log_file else (lambda rec: None)
+    for t in range(state["completed"], len(tasks)):
+        task = tasks[t]
+        start = time.time()
+        train_task(cfg, t, task, bundle, model, collate, device, log, rank, world)
+        importance_pass(cfg, task, bundle, collate, device, rank, world)
+        end_task(bundle.model)
+        train_s = time.time() - start
+        start = time.time()
+        if is_main():
+            llava_wrap.save_adapters(bundle.model, out / "ckpt" / f"task{t + 1}.safetensors", meta={"task": task.key, "index": t})
+            evaluated = range(t + 1) if cfg.eval == "full" or t == len(tasks) - 1 else [t]
+            for j in evaluated:
+                score, rows = evaluate_task(cfg, tasks[j], bundle, collate, device)
+                state["R"][t][j] = score
+                with open(out / "predictions" / f"after{t + 1}_{keys[j]}.jsonl", "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+            torch.save(probe_gates(cfg, task, bundle, collate, device), out / "gates" / f"{task.key}_after.pt")
+            if t == len(tasks) - 1:
+                for old in tasks:
+                    torch.save(probe_gates(cfg, old, bundle, collate, device), out / "gates" / f"{old.key}_final.pt")
+            state["completed"] = t + 1
+            state["train_s"].append(round(train_s, 2))
+            state["eval_s"].append(round(time.time() - start, 2))
+            state["truncated"] = {k: sorted(v) for k, v in collate.truncated.items()}
+            atomic_write(out / "state.json", json.dumps(state, indent=1))
+            log_file.flush()
+            row = " ".join("    -" if v is None else f"{v:5.1f}" for v in state["R"][t])
+            n_cut = len(collate.truncated.get(task.key, ()))
+            cut = f"; {n_cut} of {len(task.train)} training sequences truncated" if n_cut else ""
+            print(f"after task {t + 1} ({task.key}, {train_s:.0f}s train{cut}): {row}")
+        if world > 1:
+            dist.barrier()
+
+    if is_main():
+        log_file.close()
+        metrics = evaluate.cl_metrics(state["R"]) | {"train_s": state["train_s"], "eval_s": state["eval_s"],
+                                                      "truncated": {k: len(v) for k, v in state["truncated"].items()}}
+        atomic_write(out / "matrix.json", json.dumps({"tasks": keys, "R": state["R"]}, indent=1))
+        atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))
+        evaluate.main([str(out)])
+    return out
+
+
+# ---- command line ----
+
+
+def parse_args(argv=None) -> tuple[RunConfig, Path | None]:
+    parser = argparse.ArgumentParser(description="Continual training of LLaVA-1.5 with PASs-MoE and its baselines.")
+    parser.add_argument("--resume", type=Path, default=None, help="continue the run in this directory after its last finished task")
+    comments = _field_comments()
+    for f in dataclasses.fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str, "bool": bool}[f.type.split("|")[0].strip()]
+        help_text = comments.get(f.name, "")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            choices = {"method": list(METHODS), "stream": ["sanity", "ctbench"], "eval": ["full", "diag-last"],
+                       "dtype": ["float32", "bfloat16"], "recipe": ["paper"]}.get(f.name)
+            parser.add_argument(flag, type=kind, default=None, choices=choices, help=f"{help_text} (default: {f.default})")
+    args = vars(parser.parse_args(argv))
+    resume = args.pop("resume")
+    if resume:
+        given = [k for k, v in args.items() if v is not None]
+        if given:
+            parser.error(f"--resume takes the run's saved config; drop {', '.join('--' + k.replace('_', '-') for k in given)}")
+        saved = json.loads((resume / "config.json").read_text())
+        return RunConfig(**{f.name: saved[f.name] for f in dataclasses.fields(RunConfig)}), resume
+    preset = PAPER_RECIPE if args.get("recipe") == "paper" else {}
+    cfg = RunConfig(**(preset | {k: v for k, v in args.items() if v is not None}))
+    if cfg.recipe == "paper" and cfg.model == "tiny":
+        parser.error("--recipe paper is LLaVA-1.5-7B's: add --model llava-hf/llava-1.5-7b-hf (or a local copy)")
+    return cfg, None
+
+
+def _field_comments() -> dict[str, str]:
+    """The comment beside each RunConfig field, reused as its --help text."""
+    import inspect
+    import re
+
+    src = inspect.getsource(RunConfig)
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$", src, re.MULTILINE)}
+
+
+def main(argv=None) -> None:
+    cfg, resume = parse_args(argv)
+    run(cfg, resume)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
