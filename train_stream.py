@@ -215,7 +215,7 @@ def train_task(cfg, t, task, bundle, model, collate, device, log, rank, world):
     total, warmup = cfg.epochs * steps_per_epoch, max(1, round(cfg.warmup_ratio * cfg.epochs * steps_per_epoch))
     model.train()
     step = 0
-    bar = tqdm(total=total, desc=f"task {t + 1} {task.key}", disable=not is_main(), leave=False)
+    bar = tqdm(total=total, desc=f"task {t + 1} {task.key}", disable=None if is_main() else True, leave=False)  # no bars in logs or on other ranks
     for epoch in range(cfg.epochs):
         for examples in batches(task.train, cfg.batch_size, cfg.seed * 1000 + t * 100 + epoch, rank, world):
             lr = cfg.lr * (step + 1) / warmup if step < warmup else \
@@ -240,7 +240,7 @@ def train_task(cfg, t, task, bundle, model, collate, device, log, rank, world):
             opt.zero_grad(set_to_none=True)
             step += 1
             log({"task": task.key, "step": step, "lr": lr, "loss": loss.item(), "task_loss": loss_task.item() / world,
-                 "stab_a": float(stab.a), "stab_b": float(stab.b)})
+                 "stab_a": stab.a.item(), "stab_b": stab.b.item()})
             bar.update()
             bar.set_postfix(loss=f"{loss_task.item() / world:.3f}")
     bar.close()
