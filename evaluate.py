@@ -3,8 +3,9 @@
     score(metric, prediction, reference)   one answer, 0-100 (MLLM-CTBench's scorers)
     cl_metrics(R)                          AP, BWT (paper and standard), per-task Acc/Forget
     report(runs)                           the paper's Table 1 layout, mean +- std over seeds
-    analyses(run_dir)                      router drift, importance map, update magnitude vs
-                                           importance, loss curves, accuracy heatmap
+    analyses(run)                          router drift (Fig. 3), importance concentration and
+                                           map (Fig. 8), update size vs importance (Fig. 6)
+    figures(run, found)                    the above as PNG, plus loss curves and the matrix
 
     python evaluate.py RUN_DIR [RUN_DIR ...]      print and write report.md (and figures)
 
@@ -189,6 +190,151 @@ def matrix_table(run: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- analyses of one run (paper Fig. 3, 6, 8) ----
+
+
+def js_divergence(p, q):
+    """Jensen-Shannon divergence in bits, row by row: (n, E), (n, E) -> (n,), in [0, 1]."""
+    import torch
+
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        return torch.where(a > 0, a * (a.clamp_min(1e-12).log2() - b.clamp_min(1e-12).log2()), 0.0).sum(-1)
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def router_drift(run_dir: Path, tasks: list[str]) -> dict | None:
+    """Per old task: mean over layers and tokens of JS(gates right after its task, gates at the end)."""
+    import torch
+
+    gates = Path(run_dir) / "gates"
+    out = {}
+    for key in tasks[:-1]:
+        after, final = gates / f"{key}_after.pt", gates / f"{key}_final.pt"
+        if not (after.exists() and final.exists()):
+            return None
+        a, f = torch.load(after), torch.load(final)
+        per_layer = {name: js_divergence(a[name], f[name]).mean().item() for name in a if a[name].shape[-1] > 1}
+        if not per_layer:  # one expert: nothing is routed
+            return None
+        out[key] = {"mean": sum(per_layer.values()) / len(per_layer), "per_layer": per_layer}
+    return out
+
+
+def _adapter_tensors(run_dir: Path, t: int, suffix: str) -> dict:
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(run_dir) / "ckpt" / f"task{t}.safetensors"))
+    return {k[: -len(suffix) - 1]: v for k, v in state.items() if k.endswith("." + suffix)}
+
+
+def importance_stats(run_dir: Path, T: int) -> dict:
+    """I_agg after the stream, per layer; concentration = share held by the top 10% of (e, k)."""
+    agg = _adapter_tensors(run_dir, T, "importance_agg")
+    shares = {}
+    for name, imp in agg.items():
+        flat = imp.flatten().sort(descending=True).values
+        top = max(1, round(0.1 * flat.numel()))
+        shares[name] = (flat[:top].sum() / flat.sum()).item()
+    return {"top10_share": sum(shares.values()) / len(shares), "per_layer_top10_share": shares,
+            "maps": {k: v.tolist() for k, v in agg.items()}}
+
+
+def update_vs_importance(run_dir: Path, T: int) -> dict:
+    """||a_ek(t) - a_ek(t-1)|| against I_agg(t-1) (normalized per layer), pooled over layers and
+    tasks 2..T, in importance deciles: does the method protect what old tasks used?"""
+    import torch
+
+    updates, importances = [], []
+    for t in range(2, T + 1):
+        prev, cur = _adapter_tensors(run_dir, t - 1, "lora_A"), _adapter_tensors(run_dir, t, "lora_A")
+        agg = _adapter_tensors(run_dir, t - 1, "importance_agg")
+        for name in cur:
+            updates.append((cur[name] - prev[name]).norm(dim=-1).flatten())
+            importances.append((agg[name] / agg[name].mean()).flatten())
+    u, imp = torch.cat(updates), torch.cat(importances)
+    order = imp.argsort()
+    deciles = [u[chunk].mean().item() for chunk in order.chunk(10)]
+    return {"update_by_importance_decile": deciles, "top_over_bottom": deciles[-1] / deciles[0]}
+
+
+def analyses(run: dict) -> dict:
+    """Whatever the run directory allows: router drift, importance, update magnitudes."""
+    run_dir, tasks = run["dir"], run["tasks"]
+    out = {}
+    drift = router_drift(run_dir, tasks)
+    if drift is not None:
+        out["router_drift"] = {"mean": sum(d["mean"] for d in drift.values()) / len(drift),
+                               "per_task": {k: d["mean"] for k, d in drift.items()}, "per_layer": {k: d["per_layer"] for k, d in drift.items()}}
+    if (Path(run_dir) / "ckpt" / f"task{len(tasks)}.safetensors").exists():
+        out["importance"] = importance_stats(run_dir, len(tasks))
+        if len(tasks) > 1:
+            out["updates"] = update_vs_importance(run_dir, len(tasks))
+    return out
+
+
+def figures(run: dict, found: dict) -> list[Path]:
+    """PNG figures into RUN_DIR/figures (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir = Path(run["dir"]) / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    made, tasks = [], run["tasks"]
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(fig_dir / name, dpi=90)
+        plt.close(fig)
+        made.append(fig_dir / name)
+
+    R = [[float("nan") if v is None else v for v in row] for row in run["R"]]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    im = ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
+    ax.set(xticks=range(len(tasks)), yticks=range(len(tasks)), xlabel="evaluated on", ylabel="after training",
+           title=f"accuracy matrix: {run['method']}")
+    ax.set_xticklabels(tasks, rotation=45)
+    ax.set_yticklabels(tasks)
+    fig.colorbar(im)
+    save(fig, "accuracy_matrix.png")
+
+    log_path = Path(run["dir"]) / "log.jsonl"
+    if log_path.exists():
+        log = [json.loads(line) for line in log_path.read_text().splitlines()]
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.plot([r["task_loss"] for r in log], lw=0.8)
+        for i in range(1, len(log)):
+            if log[i]["task"] != log[i - 1]["task"]:
+                ax.axvline(i, color="gray", lw=0.5)
+        ax.set(xlabel="step", ylabel="task loss", title="training loss (lines: task boundaries)")
+        save(fig, "loss.png")
+    if "router_drift" in found:
+        per_task = found["router_drift"]["per_task"]
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.bar(list(per_task), list(per_task.values()))
+        ax.set(ylabel="JS divergence (bits)", title="router drift: gates after the task vs at the end")
+        save(fig, "router_drift.png")
+    if "importance" in found:
+        maps = found["importance"]["maps"]
+        names = list(maps)[:7]  # the first decoder layer's seven projections
+        fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 2.4))
+        for ax, name in zip(axes if len(names) > 1 else [axes], names):
+            ax.imshow(maps[name], aspect="auto", cmap="magma")
+            ax.set(title=name.rsplit(".", 1)[-1], xlabel="rank k", ylabel="expert e")
+        fig.suptitle("aggregated importance I_agg (expert x rank)")
+        save(fig, "importance_map.png")
+    if "updates" in found:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.bar(range(1, 11), found["updates"]["update_by_importance_decile"])
+        ax.set(xlabel="old-task importance decile", ylabel="mean ||Δa_ek||", title="update size vs importance")
+        save(fig, "update_vs_importance.png")
+    return made
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories written by train_stream.py")
@@ -199,9 +345,33 @@ def main(argv: list[str] | None = None) -> None:
     text = report(runs)
     if len(runs) == 1:
         text = matrix_table(runs[0]) + "\n" + text
+    if len(runs) == 1:
+        found = analyses(runs[0])
+        if found:
+            (runs[0]["dir"] / "analyses.json").write_text(json.dumps(found, indent=1))
+            text += "\n" + analyses_text(found)
+        try:
+            made = figures(runs[0], found)
+            text += "\nfigures: " + ", ".join(str(p) for p in made) + "\n"
+        except ImportError:
+            text += "\n(no figures: pip install matplotlib)\n"
     out = args.out or (args.runs[0] / "report.md" if len(runs) == 1 else args.runs[0].parent / "report.md")
     out.write_text(text)
     print(text + f"\nwritten to {out}")
+
+
+def analyses_text(found: dict) -> str:
+    lines = []
+    if "router_drift" in found:
+        lines.append(f"router drift (JS, bits, mean over old tasks, layers, tokens): {found['router_drift']['mean']:.4f}")
+    if "importance" in found:
+        lines.append(f"importance concentration: top 10% of (expert, rank) directions hold "
+                     f"{100 * found['importance']['top10_share']:.1f}% of I_agg (mean over layers)")
+    if "updates" in found:
+        d = found["updates"]["update_by_importance_decile"]
+        lines.append(f"A-row update size, least vs most important decile: {d[0]:.4f} vs {d[-1]:.4f} "
+                     f"(ratio {found['updates']['top_over_bottom']:.2f})")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -79,6 +79,53 @@ class PASsConfig:
             raise ValueError("PASsConfig.temperature and weight_clip must be positive")
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class _Energy(torch.autograd.Function):
+    """s_e = ||z_e||^2 / r (Eq. 6), in fp32 whatever z's dtype, keeping only z for backward
+    (autograd of z.float().pow(2) would also keep an fp32 copy of z under bf16)."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return _at_least_fp32(z).square().mean(dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        return (_at_least_fp32(z) * (grad * 2 / z.shape[-1]).unsqueeze(-1)).to(z.dtype)
+
+
+class _MixLowRank(torch.autograd.Function):
+    """out = sum_e pi_e B_e z_e for every token, keeping only z and pi for backward.
+
+    Written out, autograd would also keep z * pi (as large as z) and a permuted copy of
+    B: 2.5x the activations of a plain LoRA. Here the layer keeps about what a LoRA of
+    rank E*r keeps. z: (n, e, r), pi: (n, e) fp32, lora_B: (e, o, r) -> (n, o), times scaling.
+    """
+
+    @staticmethod
+    def forward(ctx, z, pi, lora_B, scaling):
+        ctx.save_for_backward(z, pi, lora_B)
+        ctx.scaling = scaling
+        gated = rearrange(z * (pi * scaling).to(z.dtype).unsqueeze(-1), "n e r -> n (e r)")
+        return gated @ rearrange(lora_B.to(z.dtype), "e o r -> (e r) o")
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, pi, lora_B = ctx.saved_tensors
+        E = pi.shape[-1]
+        grad = grad.to(z.dtype) * ctx.scaling
+        grad_gated = rearrange(grad @ rearrange(lora_B.to(z.dtype), "e o r -> o (e r)"), "n (e r) -> n e r", e=E)
+        grad_z = grad_gated * pi.to(z.dtype).unsqueeze(-1)
+        grad_pi = (_at_least_fp32(grad_gated) * _at_least_fp32(z)).sum(dim=-1)
+        gated = rearrange(z * pi.to(z.dtype).unsqueeze(-1), "n e r -> n (e r)")  # recomputed, not stored
+        grad_B = rearrange(grad.T @ gated, "o (e r) -> e o r", e=E)
+        return grad_z, grad_pi.to(pi.dtype), grad_B.to(lora_B.dtype), None
+
+
 def _in_backward() -> bool:
     # Gradient checkpointing re-runs forwards inside the backward pass; those replays must
     # not count their tokens a second time. The autograd engine reports a graph task id
@@ -128,18 +175,18 @@ class PASsMoELinear(nn.Module):
     # ---- the gate (Eq. 6-7 and the baselines' routers) ----
 
     def _mixture(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Mixture weights pi (..., e) from the input x (..., d) and responses z (..., e, r)."""
+        """Mixture weights pi (..., e), fp32, from the input x (..., d) and responses z (..., e, r)."""
         if self.cfg.gate == "single":
-            return z.new_ones(z.shape[:-1])
+            return torch.ones(z.shape[:-1], device=z.device)
         if self.cfg.gate == "pas":  # energy s_e = ||z_e||^2 / r, in fp32 also under bf16
-            logits = z.float().pow(2).mean(dim=-1)
+            logits = _Energy.apply(z)
         else:
             logits = self.router(x).float()
             if self.cfg.gate == "topk":  # keep the k largest logits, softmax over them only
                 top = logits.topk(self.cfg.top_k, dim=-1).indices
                 kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
                 logits = logits.masked_fill(~kept, float("-inf"))
-        return torch.softmax(logits / self.cfg.temperature, dim=-1).to(z.dtype)
+        return torch.softmax(logits / self.cfg.temperature, dim=-1)
 
     def _responses(self, h: torch.Tensor) -> torch.Tensor:
         """z_e = A_e h for all experts in one GEMM: (..., d) -> (..., e, r)."""
@@ -147,20 +194,21 @@ class PASsMoELinear(nn.Module):
         return rearrange(F.linear(h, A_cat), "... (e r) -> ... e r", e=self.cfg.num_experts)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """Mixture weights pi: (..., d) -> (..., e); each row sums to 1."""
+        """Mixture weights pi: (..., d) -> (..., e), fp32; each row sums to 1."""
         return self._mixture(x, self._responses(self.drop(x)))
 
     # ---- forward (Eq. 3) ----
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., d) -> (..., o). Two GEMMs of total rank E*r; the gate acts in rank space."""
+        """(..., d) -> (..., o). Two GEMMs of total rank E*r; the gate (and the LoRA scaling)
+        acts in rank space, never on d_out-wide outputs."""
         z = self._responses(self.drop(x))  # (..., e, r)
         pi = self._mixture(x, z)  # (..., e)
         if self._token_mask is not None and not _in_backward():
             self._accumulate(z.detach(), pi.detach())
-        gated = rearrange(z * pi.unsqueeze(-1), "... e r -> ... (e r)")
-        B_cat = rearrange(self.lora_B, "e o r -> o (e r)")
-        return self.base(x) + F.linear(gated, B_cat) * self.scaling
+        E, r = self.cfg.num_experts, self.cfg.rank
+        delta = _MixLowRank.apply(z.reshape(-1, E, r), pi.reshape(-1, E), self.lora_B, self.scaling)
+        return self.base(x) + delta.view(*x.shape[:-1], -1)
 
     # ---- importance (Eq. 9-10) ----
 
@@ -173,10 +221,10 @@ class PASsMoELinear(nn.Module):
                 f"token_mask has shape {tuple(mask.shape)} but this layer sees tokens of shape "
                 f"{tuple(z.shape[:-2])}: pass the attention mask that matches the hidden states"
             )
-        keep = mask.to(z.device, torch.bool)
-        z, pi = z[keep].float(), pi[keep].float()  # (n, e, r), (n, e)
-        self.task_importance_sum += torch.einsum("ne,ner->er", pi, z.pow(2))
-        self.task_tokens += keep.sum()
+        keep = mask.to(device=z.device, dtype=torch.float32).reshape(-1, 1)  # (n, 1); padding = 0
+        z, pi = z.reshape(-1, *z.shape[-2:]).float(), pi.reshape(-1, pi.shape[-1])  # (n, e, r), (n, e)
+        self.task_importance_sum += torch.einsum("ne,ner->er", pi * keep, z.square())
+        self.task_tokens += mask.sum()
 
     def task_importance(self) -> torch.Tensor:
         """I(t) of Eq. 9: (e, r), the mean of pi_e z_ek^2 over the tokens counted so far."""

@@ -332,3 +332,28 @@ def test_inject_matches_pattern_and_refuses_twice():
         inject(model, PASsConfig())
     with pytest.raises(ValueError, match="no nn.Linear"):
         inject(nn.Sequential(nn.Linear(2, 2)), PASsConfig(), target="nothing")
+
+
+def test_hand_written_backward_passes_gradcheck():
+    from pasmoe import _Energy, _MixLowRank
+
+    z = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    pi = torch.softmax(torch.randn(5, 3, dtype=torch.float64), -1).requires_grad_()
+    B = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z, pi, B: _MixLowRank.apply(z, pi, B, 1.7), (z, pi, B))
+    assert torch.autograd.gradcheck(_Energy.apply, (z,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saved_activations_match_a_lora_of_the_same_total_rank(dtype):
+    """Deterministic memory check (timings live in bench.py): the layer keeps z and pi only."""
+    from bench import PlainLoRA, saved_bytes
+
+    n, d, E, r = 64, 32, 4, 8
+    base = nn.Linear(d, d).to(dtype)
+    x = torch.randn(n, d, dtype=dtype, requires_grad=True)
+    pas = saved_bytes(PASsMoELinear(base, PASsConfig(num_experts=E, rank=r)), x)
+    lora = saved_bytes(PlainLoRA(base, E * r), x)
+    size = torch.finfo(dtype).bits // 8
+    assert lora == n * E * r * size  # z
+    assert pas == n * E * r * size + n * E * 4  # z, and pi in fp32

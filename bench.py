@@ -1,0 +1,152 @@
+"""Speed and memory of the PASs layer, as ratios against baselines measured in the same run.
+
+    python bench.py                       CPU, float32, the issue's shapes
+    python bench.py --device cuda --dtype bfloat16 --shapes 4096x4096x6x128
+
+Baselines, on the same frozen nn.Linear and the same tokens:
+    lora      one plain LoRA of the same total rank E*r (the cost PASs-MoE should match)
+    loop      MoE-LoRA as commonly written: a Python loop over experts, each expert's
+              full-width output B_e A_e h multiplied by its gate (the CoIN pattern)
+Reported: median fwd+bwd time over --repeats, bytes saved for backward (activations only,
+parameters excluded), and the cost of importance tracking on a forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pasmoe import PASsConfig, PASsMoELinear, track_importance
+
+
+class PlainLoRA(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.A = nn.Parameter(torch.randn(rank, base.in_features, **kw) / base.in_features**0.5)
+        self.B = nn.Parameter(torch.randn(base.out_features, rank, **kw) * 0.01)
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.A), self.B)
+
+
+class LoopMoELoRA(nn.Module):
+    """The common public pattern: one module per expert, gate applied to d_out-wide outputs."""
+
+    def __init__(self, base: nn.Linear, experts: int, rank: int):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.router = nn.Linear(base.in_features, experts, bias=False, **kw)
+        self.A = nn.ModuleList(nn.Linear(base.in_features, rank, bias=False, **kw) for _ in range(experts))
+        self.B = nn.ModuleList(nn.Linear(rank, base.out_features, bias=False, **kw) for _ in range(experts))
+
+    def forward(self, x):
+        gate = torch.softmax(self.router(x), dim=-1)
+        out = self.base(x)
+        for e, (A, B) in enumerate(zip(self.A, self.B)):
+            out = out + gate[..., e:e + 1] * B(A(x))
+        return out
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward in one forward, parameters and the input excluded."""
+    skip = {p.data_ptr() for p in module.parameters()} | {x.data_ptr()}
+    seen = {}
+
+    def pack(t):
+        if t.data_ptr() not in skip:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x).sum()
+    return sum(seen.values())
+
+
+def median_times(fns: dict, repeats: int, device) -> dict:
+    """Median seconds per call of each function, timed in interleaved rounds so that
+    drift in the machine's speed hits every variant alike."""
+
+    def once(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for fn in fns.values():  # warm-up
+        for _ in range(3):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(once(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_shape(n, d, E, r, device, dtype, repeats):
+    torch.manual_seed(0)
+    base = nn.Linear(d, d, device=device, dtype=dtype)
+    pas = PASsMoELinear(base, PASsConfig(num_experts=E, rank=r))
+    with torch.no_grad():
+        pas.lora_B.normal_(std=0.01)
+    layers = {"pas": pas, "lora": PlainLoRA(base, E * r), "loop": LoopMoELoRA(base, E, r)}
+    x = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+
+    def step(module):
+        def fn():
+            module(x).float().sum().backward()
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+        return fn
+
+    times = median_times({k: step(m) for k, m in layers.items()}, repeats, device)
+    mem = {k: saved_bytes(m, x) for k, m in layers.items()}
+    xs = x.detach()
+    mask = torch.ones(n, dtype=torch.bool, device=device)
+
+    @torch.no_grad()
+    def plain_forward():
+        pas(xs)
+
+    @torch.no_grad()
+    def tracked_forward():
+        with track_importance(pas, token_mask=mask):
+            pas(xs)
+
+    fwd = median_times({"plain": plain_forward, "tracked": tracked_forward}, repeats, device)
+    return times, mem, fwd["plain"], fwd["tracked"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["2048x1024x6x16", "2048x256x6x8"],
+                        help="tokens x features x experts x rank-per-expert (d_in = d_out)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=30, help="timed repetitions per measurement (median reported)")
+    args = parser.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print(f"torch {torch.__version__}, {device}, {args.dtype}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print("| N x d x E x r | PASs fwd+bwd ms | LoRA(E*r) ms | loop ms | PASs / LoRA | loop / PASs "
+          "| saved PASs / LoRA | saved loop / PASs | tracking overhead |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        n, d, E, r = map(int, shape.split("x"))
+        t, m, fwd, fwd_tracked = bench_shape(n, d, E, r, device, dtype, args.repeats)
+        print(f"| {shape} | {1e3 * t['pas']:.2f} | {1e3 * t['lora']:.2f} | {1e3 * t['loop']:.2f} "
+              f"| {t['pas'] / t['lora']:.2f} | {t['loop'] / t['pas']:.2f} | {m['pas'] / m['lora']:.2f} "
+              f"| {m['loop'] / m['pas']:.2f} | {100 * (fwd_tracked / fwd - 1):+.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
