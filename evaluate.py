@@ -8,6 +8,7 @@
     figures(run, found)                    the above as PNG, plus loss curves and the matrix
 
     python evaluate.py RUN_DIR [RUN_DIR ...]      print and write report.md (and figures)
+    python evaluate.py --study DIR                 the study's tables and figures (results.md)
 
 R[i][j] is the score on task j after training task i (rows and columns 0-based); null
 cells are tasks not evaluated at that point. Metrics follow SPEC section 5:
@@ -126,8 +127,12 @@ def load_run(run_dir: Path) -> dict:
         raise ValueError(f"{path} must hold {{'tasks': [...], 'R': [[...]]}}, found keys {sorted(matrix)}")
     config_path = run_dir / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    metrics = cl_metrics(matrix["R"])
+    if (run_dir / "metrics.json").exists():  # timings and truncation counts come from the run
+        saved = json.loads((run_dir / "metrics.json").read_text())
+        metrics |= {k: saved[k] for k in ("train_s", "eval_s", "truncated") if k in saved}
     return {"dir": run_dir, "tasks": matrix["tasks"], "R": matrix["R"], "config": config,
-            "method": config.get("method", run_dir.name), "metrics": cl_metrics(matrix["R"])}
+            "method": config.get("method", run_dir.name), "metrics": metrics}
 
 
 def _mean_std(values: list[float]) -> str:
@@ -136,7 +141,7 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-_NOT_A_SETTING = {"seed", "out", "resume", "versions", "commit", "device", "started", "argv", "world_size"}
+_NOT_A_SETTING = {"seed", "out", "versions", "commit", "device", "device_name", "started", "argv", "world_size", "base_info", "pas_config"}  # pas_config follows from the rest
 
 
 def _settings(run: dict) -> dict:
@@ -335,12 +340,129 @@ def figures(run: dict, found: dict) -> list[Path]:
     return made
 
 
+# ---- the small-scale study (train_stream.py --study DIR) ----
+
+DEFAULT_LAMBDA_A = 5e-4
+
+
+def _select(runs, **want):
+    return [r for r in runs if all(r["config"].get(k) == v for k, v in want.items())]
+
+
+def _pm(values: list[float], digits: int = 2) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _by_setting(runs, key, methods):
+    """Rows per value of `key`, columns AP and BWT per method, mean ± std over seeds."""
+    values = sorted({r["config"][key] for r in runs})
+    head = f"| {key} | " + " | ".join(f"{m} AP | {m} BWT" for m in methods) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(methods))]
+    for v in values:
+        cells = []
+        for m in methods:
+            ms = [r["metrics"] for r in runs if r["config"][key] == v and r["method"] == m]
+            cells += [_pm([x["ap"] for x in ms]), _pm([x["bwt"] for x in ms])]
+        lines.append(f"| {v:g} | " + " | ".join(cells) + " |" if isinstance(v, float) else f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def study_report(study_dir: str | Path) -> str:
+    """Tables (ablation, order B, experts, lambda_A, mechanisms) and figures of a study."""
+    study_dir = Path(study_dir)
+    runs = [load_run(d) for d in sorted((study_dir / "runs").iterdir()) if (d / "metrics.json").exists()]
+    if not runs:
+        raise FileNotFoundError(f"no finished runs under {study_dir / 'runs'}")
+    commits = sorted({r["config"].get("commit", "unknown") for r in runs})
+    main_runs = _select(runs, order="A", num_experts=6, lambda_a=DEFAULT_LAMBDA_A)
+    parts = [f"Runs: {len(runs)}; commit(s): {', '.join(commits)}.\n"]
+    if main_runs:
+        parts += ["### Ablation (order A; paper Tables 2 and 7)\n", report(main_runs)]
+    order_b = _select(runs, order="B", num_experts=6, lambda_a=DEFAULT_LAMBDA_A)
+    if order_b:
+        parts += ["### Order B (paper Table 6)\n", report(order_b)]
+    experts = [r for r in _select(runs, order="A", lambda_a=DEFAULT_LAMBDA_A) if r["method"] in ("moelora", "pasmoe")]
+    if len({r["config"]["num_experts"] for r in experts}) > 1:
+        ranks = sorted({r["config"]["rank"] for r in experts})
+        parts += [f"### Number of experts, rank {'/'.join(map(str, ranks))} per expert (paper Table 3)\n", _by_setting(experts, "num_experts", ["moelora", "pasmoe"])]
+    lam = _select(runs, order="A", num_experts=6, method="pasmoe")
+    if len({r["config"]["lambda_a"] for r in lam}) > 1:
+        parts += ["### λ_A sweep for pasmoe (paper Fig. 4)\n", _by_setting(lam, "lambda_a", ["pasmoe"])]
+    mech = {}
+    for run in main_runs:
+        found = analyses(run)
+        mech.setdefault(run["method"], []).append(found | {"train_s": sum(run["metrics"].get("train_s", [])),
+                                                           "eval_s": sum(run["metrics"].get("eval_s", []))})
+    if mech:
+        ref = mech.get("moelora")
+        ref_train = statistics.mean(m["train_s"] for m in ref) if ref else None
+        ref_eval = statistics.mean(m["eval_s"] for m in ref) if ref else None
+        lines = ["| method | router drift (JS bits) | top-10% importance share | update top/bottom decile "
+                 "| train time / moelora | eval time / moelora |", "|---|---|---|---|---|---|"]
+        for method, found in mech.items():
+            drift = [f["router_drift"]["mean"] for f in found if "router_drift" in f]
+            share = [100 * f["importance"]["top10_share"] for f in found if "importance" in f]
+            ratio = [f["updates"]["top_over_bottom"] for f in found if "updates" in f]
+            t_train = [f["train_s"] / ref_train for f in found] if ref_train else []
+            t_eval = [f["eval_s"] / ref_eval for f in found] if ref_eval else []
+            lines.append(f"| {method} | {_pm(drift, 4)} | {_pm(share, 1)}% | {_pm(ratio)} | {_pm(t_train)} | {_pm(t_eval)} |")
+        parts += ["### Mechanisms (order A; paper Fig. 3, 6, 8 and Table 3's times)\n", "\n".join(lines) + "\n"]
+        try:
+            _study_figures(study_dir, mech)
+        except ImportError:
+            parts.append("(no figures: pip install matplotlib)\n")
+    text = "\n".join(parts)
+    (study_dir / "results.md").write_text(text)
+    print(text + f"\nwritten to {study_dir / 'results.md'}")
+    return text
+
+
+def _study_figures(study_dir: Path, mech: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir = study_dir / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    routed = {m: [f["router_drift"]["mean"] for f in fs if "router_drift" in f] for m, fs in mech.items()}
+    routed = {m: v for m, v in routed.items() if v}
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(list(routed), [statistics.mean(v) for v in routed.values()],
+           yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in routed.values()])
+    ax.set(ylabel="JS divergence (bits)", title="router drift on old-task inputs (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(fig_dir / "router_drift.png", dpi=90)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for method, fs in mech.items():
+        deciles = [f["updates"]["update_by_importance_decile"] for f in fs if "updates" in f]
+        if deciles:
+            ax.plot(range(1, 11), [statistics.mean(col) for col in zip(*deciles)], marker="o", label=method)
+    ax.set(xlabel="old-task importance decile", ylabel="mean ||Δa_ek||", title="update size vs importance")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(fig_dir / "update_vs_importance.png", dpi=90)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories written by train_stream.py")
+    parser.add_argument("runs", nargs="*", type=Path, help="run directories written by train_stream.py")
+    parser.add_argument("--study", type=Path, default=None, help="a study directory (train_stream.py --study): tables and figures")
     parser.add_argument("--out", type=Path, default=None,
                         help="report file (default: RUN_DIR/report.md for one run, else report.md beside the runs)")
     args = parser.parse_args(argv)
+    if args.study:
+        study_report(args.study)
+        return
+    if not args.runs:
+        parser.error("name at least one run directory, or --study DIR")
     runs = [load_run(d) for d in args.runs]
     text = report(runs)
     if len(runs) == 1:

@@ -6,6 +6,7 @@
         --model llava-hf/llava-1.5-7b-hf                    the paper's 7B recipe
     torchrun --nproc_per_node=8 train_stream.py ...         data parallel (DDP)
     python train_stream.py --resume runs/RUN                continue after the last finished task
+    python train_stream.py --study study                    the small-scale study (tables, figures)
 
 Per task: begin_task (fresh AdamW, cosine schedule with warmup), epochs of
     loss = task loss + stabilization_loss(model)       (paper Eq. 11)
@@ -314,7 +315,7 @@ def environment(device) -> dict:
 
     return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__},
-            "commit": git_commit(), "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "commit": git_commit(), "device_name": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
             "started": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv}
 
 
@@ -402,12 +403,51 @@ def run(cfg: RunConfig, resume: Path | None = None) -> Path:
     return out
 
 
+# ---- the small-scale study (issue 7): the paper's comparisons on the sanity stream ----
+
+STUDY = {  # part -> (variants: (method, overrides), seeds)
+    "ablation": ([(m, {}) for m in METHODS], 3),  # paper Tables 2 and 7
+    "order-b": ([("moelora", {"order": "B"}), ("pasmoe", {"order": "B"})], 3),  # Table 6
+    "experts": ([(m, {"num_experts": E}) for E in (2, 4, 6, 8) for m in ("moelora", "pasmoe")], 2),  # Table 3
+    "lambda": ([("pasmoe", {"lambda_a": la}) for la in (5e-5, 1.5e-4, 5e-4, 1.5e-3, 5e-3)], 2),  # Fig. 4
+}
+
+
+def study(base: RunConfig, out_dir: Path, parts: list[str]) -> None:
+    """Run every study variant on top of `base` (skipping finished runs, resuming broken
+    ones), then write the tables and figures with evaluate.study_report."""
+    fields = [f.name for f in dataclasses.fields(RunConfig) if f.name != "out"]
+    for part in parts:
+        variants, seeds = STUDY[part]
+        for method, overrides in variants:
+            for seed in range(seeds):
+                cfg = dataclasses.replace(base, method=method, seed=seed, **overrides)
+                name = f"{cfg.method}_order{cfg.order}_E{cfg.num_experts}_la{cfg.lambda_a:g}_s{cfg.seed}"
+                cfg.out = str(out_dir / "runs" / name)
+                run_dir = Path(cfg.out)
+                if (run_dir / "config.json").exists():
+                    saved = json.loads((run_dir / "config.json").read_text())
+                    differ = [f"{k}: {saved.get(k)!r} vs {getattr(cfg, k)!r}" for k in fields if saved.get(k) != getattr(cfg, k)]
+                    if differ:
+                        raise ValueError(f"{run_dir} was made with other settings ({'; '.join(differ)}): use another --study directory")
+                    if (run_dir / "metrics.json").exists():
+                        print(f"[{part}] {name}: done, reused")
+                        continue
+                print(f"[{part}] {name}")
+                run(cfg, resume=run_dir if run_dir.exists() else None)
+    evaluate.study_report(out_dir)
+
+
 # ---- command line ----
 
 
-def parse_args(argv=None) -> tuple[RunConfig, Path | None]:
+def parse_args(argv=None) -> tuple[RunConfig, Path | None, tuple | None]:
+    """(config, run directory to resume or None, (study directory, parts) or None)."""
     parser = argparse.ArgumentParser(description="Continual training of LLaVA-1.5 with PASs-MoE and its baselines.")
     parser.add_argument("--resume", type=Path, default=None, help="continue the run in this directory after its last finished task")
+    parser.add_argument("--study", type=Path, default=None,
+                        help="run the small-scale study into this directory (other flags set the shared settings)")
+    parser.add_argument("--parts", nargs="+", default=list(STUDY), choices=list(STUDY), help="study parts to run (default: all)")
     comments = _field_comments()
     for f in dataclasses.fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -420,18 +460,20 @@ def parse_args(argv=None) -> tuple[RunConfig, Path | None]:
                        "dtype": ["float32", "bfloat16"], "recipe": ["paper"]}.get(f.name)
             parser.add_argument(flag, type=kind, default=None, choices=choices, help=f"{help_text} (default: {f.default})")
     args = vars(parser.parse_args(argv))
-    resume = args.pop("resume")
+    resume, study_dir, parts = args.pop("resume"), args.pop("study"), args.pop("parts")
     if resume:
         given = [k for k, v in args.items() if v is not None]
         if given:
             parser.error(f"--resume takes the run's saved config; drop {', '.join('--' + k.replace('_', '-') for k in given)}")
         saved = json.loads((resume / "config.json").read_text())
-        return RunConfig(**{f.name: saved[f.name] for f in dataclasses.fields(RunConfig)}), resume
+        return RunConfig(**{f.name: saved[f.name] for f in dataclasses.fields(RunConfig)}), resume, None
     preset = PAPER_RECIPE if args.get("recipe") == "paper" else {}
     cfg = RunConfig(**(preset | {k: v for k, v in args.items() if v is not None}))
     if cfg.recipe == "paper" and cfg.model == "tiny":
         parser.error("--recipe paper is LLaVA-1.5-7B's: add --model llava-hf/llava-1.5-7b-hf (or a local copy)")
-    return cfg, None
+    if study_dir and (cfg.out or cfg.method != "pasmoe" or cfg.seed != 0):
+        parser.error("--study chooses each run's --method, --seed and --out itself")
+    return cfg, None, (study_dir, parts) if study_dir else None
 
 
 def _field_comments() -> dict[str, str]:
@@ -444,8 +486,11 @@ def _field_comments() -> dict[str, str]:
 
 
 def main(argv=None) -> None:
-    cfg, resume = parse_args(argv)
-    run(cfg, resume)
+    cfg, resume, study_args = parse_args(argv)
+    if study_args:
+        study(cfg, *study_args)
+    else:
+        run(cfg, resume)
     if dist.is_initialized():
         dist.destroy_process_group()
 

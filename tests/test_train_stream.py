@@ -24,7 +24,7 @@ def cache(tmp_path_factory):
 
 
 def small(cache, out, *extra):
-    cfg, _ = ts.parse_args(SMALL + ["--cache-dir", cache, "--out", str(out), *extra])
+    cfg, _, _ = ts.parse_args(SMALL + ["--cache-dir", cache, "--out", str(out), *extra])
     return cfg
 
 
@@ -43,7 +43,7 @@ def test_run_directory_contents(reference_run):
                  "gates/numglue_after.pt", "gates/art_final.pt"]:
         assert name in files, name
     config = json.loads((reference_run / "config.json").read_text())
-    for key in ("method", "seed", "lr", "pas_config", "versions", "commit", "device", "base", "tasks"):
+    for key in ("method", "seed", "lr", "pas_config", "versions", "commit", "device_name", "base", "tasks"):
         assert key in config, key
     assert config["pas_config"]["gate"] == "pas" and config["pas_config"]["reg"] == "pas"
     matrix = json.loads((reference_run / "matrix.json").read_text())
@@ -82,7 +82,7 @@ def test_resume_after_a_crash_in_a_task_equals_an_uninterrupted_run(reference_ru
     monkeypatch.setattr(ts, "task_loss", real_loss)
     assert json.loads((out / "state.json").read_text())["completed"] == 1
 
-    cfg, resume = ts.parse_args(["--resume", str(out)])
+    cfg, resume, _ = ts.parse_args(["--resume", str(out)])
     ts.run(cfg, resume)
     assert json.loads((out / "matrix.json").read_text()) == json.loads((reference_run / "matrix.json").read_text())
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -108,7 +108,7 @@ def test_nan_loss_stops_with_a_clear_message(cache, tmp_path, monkeypatch):
 
 
 def test_command_line_precedence_and_errors(tmp_path):
-    cfg, _ = ts.parse_args(["--recipe", "paper", "--model", "some/llava", "--lr", "1e-4"])
+    cfg, _, _ = ts.parse_args(["--recipe", "paper", "--model", "some/llava", "--lr", "1e-4"])
     assert (cfg.rank, cfg.num_experts, cfg.alpha, cfg.lr, cfg.batch_size, cfg.dtype) == (128, 6, 256.0, 1e-4, 12, "bfloat16")
     with pytest.raises(SystemExit):
         ts.parse_args(["--recipe", "paper"])  # the 7B recipe on the tiny model
