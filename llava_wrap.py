@@ -259,6 +259,35 @@ def load_llava(name_or_path: str = "llava-hf/llava-1.5-7b-hf", dtype=torch.bfloa
     return LlavaBundle(model, tok, num_image_tokens, load_image, name=str(name_or_path))
 
 
+def llava_15_7b_config():
+    """The configuration of llava-hf/llava-1.5-7b-hf (CLIP-L/14-336 + Llama-2-7B width)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def plan(cfg: PASsConfig) -> dict:
+    """Parameter counts and static memory of LLaVA-1.5-7B with these adapters, from the
+    model built on the meta device (no memory used). Activations come on top."""
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(llava_15_7b_config())
+    add_adapters(model, cfg, verbose=False)
+    trainable, total = count_parameters(model)
+    frozen = total - trainable
+    gib = 2**30
+    return {"trainable": trainable, "frozen": frozen,
+            "GiB": {"frozen weights (bf16)": 2 * frozen / gib, "adapters (fp32)": 4 * trainable / gib,
+                    "gradients (fp32)": 4 * trainable / gib, "AdamW moments (fp32)": 8 * trainable / gib,
+                    "anchors (fp32)": 4 * trainable / gib}}
+
+
 # ---- generation ----
 
 
@@ -358,3 +387,18 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict:
                 raise ValueError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, model {tuple(value.shape)}")
             value.copy_(tensors[key])
     return header["meta"]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Plan memory for PASs adapters on LLaVA-1.5-7B (counted on the meta device).")
+    parser.add_argument("command", choices=["plan"], help="plan: parameter counts and static memory")
+    parser.add_argument("--num-experts", type=int, default=6, help="E (paper: 6)")
+    parser.add_argument("--rank", type=int, default=128, help="rank per expert (paper: 128)")
+    args = parser.parse_args()
+    found = plan(PASsConfig(num_experts=args.num_experts, rank=args.rank, gate="pas" if args.num_experts > 1 else "single"))
+    print(f"E={args.num_experts}, r={args.rank} per expert: {found['trainable']:,} trainable, {found['frozen']:,} frozen parameters")
+    for what, size in found["GiB"].items():
+        print(f"  {what:<22} {size:6.1f} GiB")
+    print(f"  {'total before activations':<22} {sum(found['GiB'].values()):6.1f} GiB")

@@ -176,16 +176,10 @@ def test_bf16_base_with_fp32_adapters_under_autocast(bundle):
 
 def test_module_names_match_llava_7b_layout(bundle):
     """The 7B's modules, built on the meta device (no memory), against the tiny model's."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
     with torch.device("meta"):
-        big = LlavaForConditionalGeneration(config)
+        big = LlavaForConditionalGeneration(lw.llava_15_7b_config())
     big_names = lw.add_adapters(big, CFG, verbose=False)
     assert len(big_names) == 7 * 32
     tiny_names = lw.add_adapters(bundle.model, CFG, verbose=False)
@@ -196,3 +190,10 @@ def test_module_names_match_llava_7b_layout(bundle):
     assert shape(big_names) == shape(tiny_names)
     assert {n for n, _ in big.named_modules() if n.count(".") <= 1} == \
            {n for n, _ in bundle.model.named_modules() if n.count(".") <= 1}
+
+
+def test_plan_counts_adapters_of_the_7b():
+    found = lw.plan(PASsConfig(num_experts=2, rank=4))
+    # per decoder layer: q, k, v, o (4096 -> 4096) and gate, up (4096 -> 11008), down (11008 -> 4096)
+    per_layer = 2 * 4 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
+    assert found["trainable"] == 32 * per_layer
