@@ -221,10 +221,11 @@ class PASsMoELinear(nn.Module):
                 f"token_mask has shape {tuple(mask.shape)} but this layer sees tokens of shape "
                 f"{tuple(z.shape[:-2])}: pass the attention mask that matches the hidden states"
             )
-        keep = mask.to(device=z.device, dtype=torch.float32).reshape(-1, 1)  # (n, 1); padding = 0
-        z, pi = z.reshape(-1, *z.shape[-2:]).float(), pi.reshape(-1, pi.shape[-1])  # (n, e, r), (n, e)
-        self.task_importance_sum += torch.einsum("ne,ner->er", pi * keep, z.square())
-        self.task_tokens += mask.sum()
+        pad = ~mask.to(device=z.device, dtype=torch.bool).reshape(-1, 1, 1)  # (n, 1, 1)
+        z = z.reshape(-1, *z.shape[-2:]).float().masked_fill(pad, 0.0)  # (n, e, r); padding gives 0, even if inf
+        pi = pi.reshape(-1, pi.shape[-1]).masked_fill(pad[:, 0], 0.0)  # (n, e)
+        self.task_importance_sum += torch.einsum("ne,ner->er", pi, z.square())
+        self.task_tokens += (~pad).sum()
 
     def task_importance(self) -> torch.Tensor:
         """I(t) of Eq. 9: (e, r), the mean of pi_e z_ek^2 over the tokens counted so far."""
