@@ -186,11 +186,14 @@ def task_loss(model, batch: dict, n_label_tokens: int, world: int) -> torch.Tens
 
 
 def batches(examples: list, batch_size: int, seed: int, rank: int, world: int):
-    """Global batches in a seeded order; each rank takes every world-th example of each."""
+    """Global batches in a seeded order; each rank takes every world-th example of each.
+    A last batch smaller than the number of processes is skipped (train_task says so)."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     for i in range(0, len(order), batch_size):
-        yield [examples[j] for j in order[i:i + batch_size][rank::world]]
+        chunk = order[i:i + batch_size]
+        if len(chunk) >= world:
+            yield [examples[j] for j in chunk[rank::world]]
 
 
 def autocast(cfg: RunConfig, device: torch.device):
@@ -212,7 +215,10 @@ def train_task(cfg, t, task, bundle, model, collate, device, log, rank, world):
     seed_everything(cfg.seed * 1000 + t)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
+    tail = len(task.train) % cfg.batch_size
+    if 0 < tail < world and is_main():
+        print(f"task {t + 1} ({task.key}): {tail} examples per epoch skipped (last batch smaller than {world} processes)")
+    steps_per_epoch = len(task.train) // cfg.batch_size + (tail >= world)
     total, warmup = cfg.epochs * steps_per_epoch, max(1, round(cfg.warmup_ratio * cfg.epochs * steps_per_epoch))
     model.train()
     step = 0
