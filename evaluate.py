@@ -372,6 +372,16 @@ def _by_setting(runs, key, methods):
     return "\n".join(lines) + "\n"
 
 
+def learnability(runs: list[dict], bar: float = 70.0) -> str:
+    """Per task: mean and minimum of R[t][t] over runs, and how many fall below `bar`."""
+    tasks = runs[0]["tasks"]
+    lines = [f"| task | mean R[t][t] | min | runs below {bar:g} |", "|---|---|---|---|"]
+    for t, key in enumerate(tasks):
+        diag = [r["R"][t][t] for r in runs]
+        lines.append(f"| {key} | {statistics.mean(diag):.1f} | {min(diag):.1f} | {sum(v < bar for v in diag)} of {len(diag)} |")
+    return "\n".join(lines) + "\n"
+
+
 def study_report(study_dir: str | Path) -> str:
     """Tables (ablation, order B, experts, lambda_A, mechanisms) and figures of a study."""
     study_dir = Path(study_dir)
@@ -383,6 +393,7 @@ def study_report(study_dir: str | Path) -> str:
     parts = [f"Runs: {len(runs)}; commit(s): {', '.join(commits)}.\n"]
     if main_runs:
         parts += ["### Ablation (order A; paper Tables 2 and 7)\n", report(main_runs)]
+        parts += ["### Learnability: score right after training each task, all ablation runs\n", learnability(main_runs)]
     order_b = _select(runs, order="B", num_experts=6, lambda_a=DEFAULT_LAMBDA_A)
     if order_b:
         parts += ["### Order B (paper Table 6)\n", report(order_b)]

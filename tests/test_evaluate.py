@@ -149,3 +149,12 @@ def test_cli_writes_report(tmp_path, capsys):
 def test_cli_missing_matrix_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="matrix.json is missing"):
         main([str(tmp_path)])
+
+
+def test_learnability_counts_diagonal_cells_below_the_bar(tmp_path):
+    from evaluate import learnability
+
+    runs = [load_run(write_run(tmp_path / f"r{i}", "pasmoe", i, R))
+            for i, R in enumerate([[[80.0, None], [10.0, 60.0]], [[90.0, None], [10.0, 100.0]]])]
+    rows = learnability(runs).splitlines()[2:]
+    assert rows == ["| x | 85.0 | 80.0 | 0 of 2 |", "| y | 80.0 | 60.0 | 1 of 2 |"]
