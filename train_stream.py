@@ -80,7 +80,7 @@ class RunConfig:
     weight_clip: float = 10.0
     train_projector: bool = False  # the paper trains adapters only
     lr: float = 2e-3
-    epochs: int = 3
+    epochs: int = 4
     batch_size: int = 8  # global batch (split across DDP ranks)
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
