@@ -135,10 +135,13 @@ def load_run(run_dir: Path) -> dict:
             "method": config.get("method", run_dir.name), "metrics": metrics}
 
 
-def _mean_std(values: list[float]) -> str:
+def _pm(values: list[float], digits: int = 2) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 _NOT_A_SETTING = {"seed", "out", "versions", "commit", "device", "device_name", "started", "argv", "world_size", "base_info", "pas_config"}  # pas_config follows from the rest
@@ -179,9 +182,9 @@ def report(runs: list[dict]) -> str:
         ms = [m["metrics"] for m in members]
         cells = []
         for t in range(len(tasks)):
-            cells.append(_mean_std([m["final"][t] for m in ms]))
-            cells.append("-" if t == len(tasks) - 1 else _mean_std([m["forget"][t] for m in ms]))
-        summary = [_mean_std([m[k] for m in ms]) for k in ("ap", "bwt", "bwt_standard")]
+            cells.append(_pm([m["final"][t] for m in ms]))
+            cells.append("-" if t == len(tasks) - 1 else _pm([m["forget"][t] for m in ms]))
+        summary = [_pm([m[k] for m in ms]) for k in ("ap", "bwt", "bwt_standard")]
         lines.append(f"| {label} | {len(members)} | " + " | ".join(cells + summary) + " |")
     return "\n".join(lines) + "\n"
 
@@ -347,15 +350,6 @@ DEFAULT_LAMBDA_A = 5e-4
 
 def _select(runs, **want):
     return [r for r in runs if all(r["config"].get(k) == v for k, v in want.items())]
-
-
-def _pm(values: list[float], digits: int = 2) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _by_setting(runs, key, methods):

@@ -210,6 +210,13 @@ def to_device(batch: dict, device, dtype) -> dict:
     return out
 
 
+def model_inputs(collate, examples, device, dtype) -> dict:
+    """A training-format batch without labels: what the importance pass and the probes feed."""
+    batch = to_device(collate.train(examples), device, dtype)
+    batch.pop("labels")
+    return batch
+
+
 def train_task(cfg, t, task, bundle, model, collate, device, log, rank, world):
     """Train one task: fresh AdamW, cosine schedule with warmup, loss = task + Eq. 11."""
     seed_everything(cfg.seed * 1000 + t)
@@ -262,8 +269,7 @@ def importance_pass(cfg, task, bundle, collate, device, rank, world) -> None:
         examples = task.train[i:i + cfg.eval_batch_size][rank::world]
         if not examples:
             continue
-        batch = to_device(collate.train(examples), device, bundle.model.dtype)
-        batch.pop("labels")
+        batch = model_inputs(collate, examples, device, bundle.model.dtype)
         with autocast(cfg, device), track_importance(model, token_mask=batch["attention_mask"].bool()):
             model(**batch)
 
@@ -289,8 +295,7 @@ def probe_gates(cfg, task, bundle, collate, device) -> dict[str, torch.Tensor]:
     """Mixture weights of every PASs layer on the first probe_size test items of a task:
     {layer name: (real tokens, E)}, for the router-drift analysis (paper Fig. 3)."""
     examples = task.test[:cfg.probe_size]
-    batch = to_device(collate.train(examples), device, bundle.model.dtype)
-    batch.pop("labels")
+    batch = model_inputs(collate, examples, device, bundle.model.dtype)
     mask = batch["attention_mask"].bool()
     gates, hooks = {}, []
     for name, layer in pas_layers(bundle.model).items():
