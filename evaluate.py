@@ -38,9 +38,15 @@ TASK_METRICS = {  # MLLM-CTBench task key -> scorer (SPEC section 6)
 }
 
 _ANSWER = re.compile(r"answer:", re.IGNORECASE)
+
+# VQA-style normalization, rule by rule as MLLM-CTBench's scorers apply it (they inherit it
+# from the VQA evaluation code). Its contraction table ("dont" -> "don't", ...) is left out:
+# none of the exact-match tasks (sums, codes) has contractions.
+_VQA_PUNCT = ';/[]"{}()=+\\_-><@`,?!'
+_DIGIT_COMMA = re.compile(r"(\d),(\d)")
+_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit: "3." -> "3", "3.5" stays
 _ARTICLES = {"a", "an", "the"}
-_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
-_PUNCT = re.compile(r"(?<!\d)\.(?!\d)|[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$:'|~]")
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())} | {"none": "0"}
 
 
 def extract_answer(text: str) -> str | None:
@@ -49,11 +55,25 @@ def extract_answer(text: str) -> str | None:
     return text[found[-1].end():].strip() if found else None
 
 
+def _strip_punctuation(text: str) -> str:
+    """A mark next to a space, or any mark in a text with a comma between digits, is deleted
+    ("1,000" -> "1000"); a mark inside a word becomes a space ("red/blue" -> "red blue")."""
+    digit_comma = _DIGIT_COMMA.search(text) is not None
+    out = text
+    for mark in _VQA_PUNCT:
+        glued = digit_comma or (mark + " ") in text or (" " + mark) in text
+        out = out.replace(mark, "" if glued else " ")
+    return _PERIOD.sub("", out)
+
+
 def normalize(text: str) -> str:
-    """VQA-style normalization: lowercase, punctuation off (decimal points kept),
-    number words to digits, articles dropped, whitespace collapsed."""
-    words = _PUNCT.sub(" ", text.lower()).split()
-    return " ".join(_NUMBERS.get(w, w) for w in words if w not in _ARTICLES)
+    """VQA normalization: punctuation as above, lowercase, number words to digits, articles
+    dropped, whitespace collapsed. If that leaves nothing (the answer "A" is an article),
+    the lowercased text without punctuation is kept instead, as the benchmark does (it keeps
+    the case there; we lowercase, so "a" and "A" agree)."""
+    text = _strip_punctuation(text.replace("\n", " ").replace("\t", " ").strip())
+    words = [_NUMBERS.get(w, w) for w in text.lower().split()]
+    return " ".join(w for w in words if w not in _ARTICLES) or " ".join(words)
 
 
 def _rouge_l(prediction: str, reference: str) -> float:
@@ -63,25 +83,37 @@ def _rouge_l(prediction: str, reference: str) -> float:
     return 100.0 * scorer.score(reference, prediction)["rougeL"].fmeasure
 
 
+def _first_alnum(text: str) -> str:
+    return next((c for c in text.lower() if c.isalnum()), "")
+
+
 def score(metric: str, prediction: str, reference: str) -> float:
     """Score one prediction against its reference, in [0, 100].
 
     Both are full answers (reasoning, then "answer: ..."); the final answers are compared.
-    A prediction without "answer:" is wrong; a reference without it is all final answer.
+    A prediction without "answer:", or with nothing after it, is wrong; a reference without
+    "answer:" is all final answer. The rules of each metric (README, "Scoring"):
+        exact        VQA-normalized strings are equal (numglue, OCR)
+        first_token  the prediction's first word, lowercased, equals the whole lowercased
+                     reference (math, science); no normalization, as in the benchmark
+        first_char   the first letter or digit of each, case-insensitive (fomc); brackets
+                     and spaces are skipped, so "(A)" matches "A" and not "(B)"
+        rouge_l      ROUGE-L F1 x 100 (art, medical), rouge-score's tokenizer
     """
     pred = extract_answer(prediction)
-    if pred is None:
+    if not pred:
         return 0.0
     ref = extract_answer(reference)
     ref = reference.strip() if ref is None else ref
     if metric == "exact":
-        return 100.0 * (normalize(pred) == normalize(ref))
+        p = normalize(pred)
+        return 100.0 * bool(p and p == normalize(ref))
     if metric == "first_token":
-        p, r = normalize(pred).split(), normalize(ref).split()
-        return 100.0 * bool(p and r and p[0] == r[0])
+        gold = {"y": "yes", "n": "no"}.get(ref.lower(), ref.lower())
+        return 100.0 * (pred.lower().split()[0] == gold)
     if metric == "first_char":
-        p, r = pred.lstrip()[:1].upper(), ref.lstrip()[:1].upper()
-        return 100.0 * bool(p and p == r)
+        p = _first_alnum(pred)
+        return 100.0 * bool(p and p == _first_alnum(ref))
     if metric == "rouge_l":
         return _rouge_l(pred, ref)
     raise ValueError(f"unknown metric {metric!r}: choose one of exact, first_token, first_char, rouge_l")
@@ -93,24 +125,33 @@ def score(metric: str, prediction: str, reference: str) -> float:
 def cl_metrics(R: list[list[float | None]]) -> dict:
     """AP, BWT and per-task final accuracy and forgetting from the accuracy matrix R (T x T).
 
-    Needs the last row and the diagonal; other cells may be None.
+    Needs the last row and the diagonal; other cells may be None. A run that has only its
+    last row (joint training: no task was evaluated right after its own training) gets AP
+    and None for BWT and forgetting.
     """
     T = len(R)
     if T == 0 or any(len(row) != T for row in R):
         raise ValueError(f"R must be a square T x T matrix, got row lengths {[len(row) for row in R]}")
     final = R[-1]
-    missing = [t for t in range(T) if final[t] is None or R[t][t] is None]
-    if missing:
-        raise ValueError(f"R lacks the last row or the diagonal for tasks {missing}: cannot compute AP/BWT")
-    forget = [final[t] - R[t][t] for t in range(T - 1)] + [None]
-    total = sum(forget[:-1])
-    return {
-        "ap": sum(final) / T,
-        "bwt": total / T,  # the paper's convention (SPEC section 5)
-        "bwt_standard": total / (T - 1) if T > 1 else None,  # Lopez-Paz & Ranzato
-        "final": list(final),
-        "forget": forget,
-    }
+    if any(v is None for v in final):
+        raise ValueError(f"R lacks cells of its last row (tasks {[t for t, v in enumerate(final) if v is None]}): cannot compute AP")
+    missing = [t for t in range(T - 1) if R[t][t] is None]
+    if missing and len(missing) < T - 1:
+        raise ValueError(f"R lacks the diagonal for tasks {missing}: cannot compute BWT")
+    if missing:  # last row only
+        forget, bwt, bwt_standard = [None] * T, None, None
+    else:
+        forget = [final[t] - R[t][t] for t in range(T - 1)] + [None]
+        total = sum(forget[:-1])
+        bwt = total / T  # the paper's convention (README, "Metrics")
+        bwt_standard = total / (T - 1) if T > 1 else None  # Lopez-Paz & Ranzato
+    return {"ap": sum(final) / T, "bwt": bwt, "bwt_standard": bwt_standard, "final": list(final), "forget": forget}
+
+
+def just_trained(R: list[list[float | None]]) -> list[float]:
+    """Each task's score right after its own training, R[t][t]; for a run with only its last
+    row (joint), the final scores, since every task was trained at the end."""
+    return [R[t][t] if R[t][t] is not None else R[-1][t] for t in range(len(R))]
 
 
 # ---- reports ----
@@ -250,7 +291,7 @@ def importance_stats(run_dir: Path, T: int) -> dict:
             "maps": {k: v.tolist() for k, v in agg.items()}}
 
 
-def update_vs_importance(run_dir: Path, T: int) -> dict:
+def update_vs_importance(run_dir: Path, T: int) -> dict | None:
     """||a_ek(t) - a_ek(t-1)|| against I_agg(t-1) (normalized per layer), pooled over layers and
     tasks 2..T, in importance deciles: does the method protect what old tasks used?"""
     import torch
@@ -260,8 +301,11 @@ def update_vs_importance(run_dir: Path, T: int) -> dict:
         prev, cur = _adapter_tensors(run_dir, t - 1, "lora_A"), _adapter_tensors(run_dir, t, "lora_A")
         agg = _adapter_tensors(run_dir, t - 1, "importance_agg")
         for name in cur:
-            updates.append((cur[name] - prev[name]).norm(dim=-1).flatten())
-            importances.append((agg[name] / agg[name].mean()).flatten())
+            if agg[name].any():  # joint trains only at the end: no importance before it
+                updates.append((cur[name] - prev[name]).norm(dim=-1).flatten())
+                importances.append((agg[name] / agg[name].mean()).flatten())
+    if not updates:
+        return None
     u, imp = torch.cat(updates), torch.cat(importances)
     order = imp.argsort()
     deciles = [u[chunk].mean().item() for chunk in order.chunk(10)]
@@ -278,8 +322,9 @@ def analyses(run: dict) -> dict:
                                "per_task": {k: d["mean"] for k, d in drift.items()}, "per_layer": {k: d["per_layer"] for k, d in drift.items()}}
     if (Path(run_dir) / "ckpt" / f"task{len(tasks)}.safetensors").exists():
         out["importance"] = importance_stats(run_dir, len(tasks))
-        if len(tasks) > 1:
-            out["updates"] = update_vs_importance(run_dir, len(tasks))
+        updates = update_vs_importance(run_dir, len(tasks)) if len(tasks) > 1 else None
+        if updates is not None:
+            out["updates"] = updates
     return out
 
 
@@ -371,7 +416,7 @@ def learnability(runs: list[dict], bar: float = 70.0) -> str:
     tasks = runs[0]["tasks"]
     lines = [f"| task | mean R[t][t] | min | runs below {bar:g} |", "|---|---|---|---|"]
     for t, key in enumerate(tasks):
-        diag = [r["R"][t][t] for r in runs]
+        diag = [just_trained(r["R"])[t] for r in runs]
         lines.append(f"| {key} | {statistics.mean(diag):.1f} | {min(diag):.1f} | {sum(v < bar for v in diag)} of {len(diag)} |")
     return "\n".join(lines) + "\n"
 

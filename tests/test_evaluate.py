@@ -18,6 +18,29 @@ def test_extract_answer_takes_the_last_one_case_insensitive():
 def test_normalize_is_vqa_style():
     assert normalize("The  Two cats!") == "2 cats"
     assert normalize("3.5, approx.") == "3.5 approx"
+    assert normalize("red/blue") == "red blue"  # a mark inside a word becomes a space
+    assert normalize("answer is 3.") == "answer is 3"  # a period before no digit goes
+
+
+def test_a_comma_between_digits_is_deleted_not_split():
+    # planted bug: "1,000" -> "1 000" (the comma turned into a space) no longer equals "1000"
+    assert normalize("1,000") == "1000"
+    assert score("exact", "answer: 1,000", "answer: 1000") == 100.0
+
+
+def test_an_answer_that_is_only_an_article_keeps_its_letter():
+    # planted bug: dropping "a" leaves "", so the option "A" matches any empty answer
+    assert normalize("A") == "a"
+    assert score("exact", "answer: a", "answer: A") == 100.0
+    assert score("exact", "answer: B", "answer: A") == 0.0
+
+
+@pytest.mark.parametrize("metric", ["exact", "first_token", "first_char", "rouge_l"])
+@pytest.mark.parametrize("prediction", ["answer:", "answer:   ", "answer: .", "The answer: ()"])
+def test_an_empty_prediction_never_scores(metric, prediction):
+    # planted bug: normalize("") == normalize("A") == "" scores an empty answer 100 against "A"
+    for reference in ("answer: A", "answer: a", "answer: 3", "answer: the"):
+        assert score(metric, prediction, reference) == 0.0, (metric, prediction, reference)
 
 
 @pytest.mark.parametrize(
@@ -27,10 +50,16 @@ def test_normalize_is_vqa_style():
         ("exact", "answer: 2 apples", "answer: 2", 0.0),
         ("exact", "2", "answer: 2", 0.0),  # no "answer:" in the prediction: wrong
         ("exact", "answer: red.", "red", 100.0),  # a bare reference is all final answer
-        ("first_token", "answer: circle, red", "answer: Circle", 100.0),
+        ("first_token", "answer: circle red", "answer: Circle", 100.0),
+        ("first_token", "answer: A", "answer: A", 100.0),  # planted bug: "A" dropped as an article
+        ("first_token", "answer: a", "answer: A", 100.0),
+        ("first_token", "answer: B", "answer: A", 0.0),
+        ("first_token", "answer: yes", "answer: y", 100.0),  # the benchmark maps y/n to yes/no
         ("first_token", "answer: square", "answer: circle", 0.0),
-        ("first_token", "answer:", "answer: circle", 0.0),
-        ("first_char", "answer: (B) rises", "answer: B", 0.0),  # first character is "("
+        ("first_token", "answer: two", "answer: 2", 0.0),  # no number words in this scorer
+        ("first_token", "answer: circle,", "answer: circle", 0.0),  # nor punctuation: the word as written
+        ("first_char", "answer: (B) rises", "answer: B", 100.0),  # brackets are skipped
+        ("first_char", "answer: (A)", "answer: (B)", 0.0),  # planted bug: raw "(" == "("
         ("first_char", "answer: b) rises", "answer: B", 100.0),
         ("first_char", "answer: C", "answer: B", 0.0),
     ],
@@ -69,8 +98,17 @@ def test_cl_metrics_on_a_hand_computed_matrix():
 
 
 def test_cl_metrics_rejects_missing_cells():
-    with pytest.raises(ValueError, match="diagonal"):
-        cl_metrics([[None, None], [1.0, 2.0]])
+    with pytest.raises(ValueError, match="diagonal"):  # one diagonal cell missing, not all: a broken run
+        cl_metrics([[80.0, None, None], [60.0, None, None], [50.0, 70.0, 40.0]])
+    with pytest.raises(ValueError, match="last row"):
+        cl_metrics([[80.0, None], [None, 90.0]])
+
+
+def test_a_run_with_only_its_last_row_has_ap_and_no_bwt():
+    # joint training: nothing is evaluated before the end
+    m = cl_metrics([[None, None, None], [None, None, None], [50.0, 70.0, 40.0]])
+    assert m["ap"] == pytest.approx(160 / 3)
+    assert m["bwt"] is None and m["bwt_standard"] is None and m["forget"] == [None] * 3
     with pytest.raises(ValueError, match="square"):
         cl_metrics([[1.0], [1.0, 2.0]])
 
