@@ -44,7 +44,7 @@ from einops import rearrange
 from torch import nn
 
 GATES = ("pas", "softmax", "topk", "single")
-REGS = ("pas", "random", "none")
+REGS = ("pas", "random", "uniform", "none")
 
 
 @dataclass
@@ -59,7 +59,7 @@ class PASsConfig:
     lambda_a: float = 5e-4  # weight of the A-row stabilization term (paper section 5.1)
     lambda_b: float = 5e-5  # weight of the B-column stabilization term (paper section 5.1)
     weight_clip: float = 10.0  # c in w = clip(I_agg / mean(I_agg), 0, c)
-    reg: str = "pas"  # "pas" importance weights | "random" the same weights permuted | "none"
+    reg: str = "pas"  # "pas" importance weights | "random" the same weights permuted | "uniform" w = 1 | "none"
     seed: int = 0  # seeds the permutation of reg="random" (one per layer)
 
     def __post_init__(self):
@@ -237,11 +237,14 @@ class PASsMoELinear(nn.Module):
         return self.task_importance_sum / self.task_tokens
 
     def stab_weights(self) -> torch.Tensor:
-        """w = clip(I_agg / mean(I_agg), 0, c): (e, r); zeros before the first end_task."""
+        """w = clip(I_agg / mean(I_agg), 0, c): (e, r); zeros before the first end_task.
+        reg="random" permutes these values; reg="uniform" makes every w 1 once a task ended."""
         agg = self.importance_agg
         w = (agg / agg.mean().clamp_min(torch.finfo(agg.dtype).tiny)).clamp(0, self.cfg.weight_clip)
         if self.cfg.reg == "random":  # same values, no targeting (paper Table 7)
             w = w.flatten()[self.perm].view_as(w)
+        elif self.cfg.reg == "uniform":  # plain L2 to the anchor: what importance adds is absent
+            w = torch.ones_like(w) if agg.any() else torch.zeros_like(w)
         return w
 
 

@@ -9,7 +9,7 @@
     python train_stream.py --study study                    the small-scale study (tables, figures)
 
 Per task: begin_task (fresh AdamW, cosine schedule with warmup), epochs of
-    loss = task loss + stabilization_loss(model)       (paper Eq. 11)
+    loss = task loss + the method's extra terms        (pasmoe: Eq. 11; baselines.py)
 then a no-grad statistics pass over the task's training data with the parameters that end
 the task (pasmoe.track_importance; Eq. 9), end_task (Eq. 10, anchors), a checkpoint, and
 evaluation on the tasks seen so far. Each task reseeds from (seed, task index), so a run
@@ -41,16 +41,8 @@ from tqdm import tqdm
 import data
 import evaluate
 import llava_wrap
-from pasmoe import PASsConfig, end_task, pas_layers, stabilization_loss, track_importance
-
-METHODS = {  # method -> how the one PASs layer is switched (paper Tables 1, 2, 7)
-    "seqlora": dict(gate="single", reg="none"),  # one plain LoRA of the same total rank
-    "moelora-topk": dict(gate="topk", reg="none"),
-    "moelora": dict(gate="softmax", reg="none"),
-    "pas-rw": dict(gate="pas", reg="none"),
-    "pasmoe": dict(gate="pas", reg="pas"),  # the paper's method
-    "pasmoe-random": dict(gate="pas", reg="random"),
-}
+from baselines import METHODS
+from pasmoe import PASsConfig, end_task, pas_layers, track_importance
 
 # The paper's LLaVA-1.5-7B recipe (SPEC section 7): E=6, r=128, alpha=256 and lr=2e-5 from
 # the benchmark code, 3 epochs, batch 12, max length 1536, bf16, seed 42.
@@ -60,7 +52,7 @@ PAPER_RECIPE = dict(num_experts=6, rank=128, alpha=256.0, lr=2e-5, epochs=3, bat
 
 @dataclass
 class RunConfig:
-    method: str = "pasmoe"  # one of METHODS
+    method: str = "pasmoe"  # one of baselines.METHODS
     stream: str = "sanity"  # "sanity" (offline, built in) or "ctbench" (files under data_root)
     data_root: str | None = None  # MLLM-CTBench root holding reasoning_train/ and reasoning_test/
     image_root: str | None = None  # where the benchmark's image paths start (default: data_root)
@@ -78,6 +70,7 @@ class RunConfig:
     lambda_a: float = 5e-4  # paper section 5.1
     lambda_b: float = 5e-5  # paper section 5.1 (section 5.3.2 prefers 2.5e-4)
     weight_clip: float = 10.0
+    replay_fraction: float = 0.1  # replay: share of each finished task's training items kept in the buffer
     train_projector: bool = False  # the paper trains adapters only
     lr: float = 2e-3
     epochs: int = 4
@@ -100,7 +93,7 @@ class RunConfig:
     out: str | None = None  # run directory (default runs/<time>-<method>-s<seed>)
 
     def pas_config(self) -> PASsConfig:
-        spec = METHODS[self.method]
+        spec = METHODS[self.method][0]
         E, r = self.num_experts, self.rank
         if self.total_rank is not None:
             if self.total_rank % E:
@@ -175,14 +168,14 @@ def seed_everything(seed: int) -> None:
 # ---- one task ----
 
 
-def task_loss(model, batch: dict, n_label_tokens: int, world: int) -> torch.Tensor:
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, n_label_tokens: int, world: int) -> torch.Tensor:
     """Next-token cross entropy summed over answer tokens, divided by the global count.
     Times world size, because DDP averages gradients over ranks: the result equals one
-    process on the whole global batch."""
-    labels = batch.pop("labels")
-    logits = model(**batch).logits[:, :-1]
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=data.IGNORE, reduction="sum")
-    return loss * world / n_label_tokens
+    process on the whole global batch. Only the answer positions' logits are cast to fp32
+    (all of them would be 2.4 GB at LLaVA-7B's batch 12 x 1536 x 32k)."""
+    keep = labels[:, 1:] != data.IGNORE
+    answer_logits = logits[:, :-1][keep].float()
+    return F.cross_entropy(answer_logits, labels[:, 1:][keep], reduction="sum") * world / n_label_tokens
 
 
 def batches(examples: list, batch_size: int, seed: int, rank: int, world: int):
@@ -217,33 +210,36 @@ def model_inputs(collate, examples, device, dtype) -> dict:
     return batch
 
 
-def train_task(cfg, t, task, bundle, model, collate, device, log, rank, world):
-    """Train one task: fresh AdamW, cosine schedule with warmup, loss = task + Eq. 11."""
+def train_task(cfg, t, task, examples, method, bundle, model, collate, device, log, rank, world):
+    """Train task t on `examples`: fresh AdamW, cosine schedule with warmup,
+    loss = task loss + the method's extra terms (pasmoe: Eq. 11)."""
     seed_everything(cfg.seed * 1000 + t)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    tail = len(task.train) % cfg.batch_size
+    tail = len(examples) % cfg.batch_size
     if 0 < tail < world and is_main():
         print(f"task {t + 1} ({task.key}): {tail} examples per epoch skipped (last batch smaller than {world} processes)")
-    steps_per_epoch = len(task.train) // cfg.batch_size + (tail >= world)
+    steps_per_epoch = len(examples) // cfg.batch_size + (tail >= world)
     total, warmup = cfg.epochs * steps_per_epoch, max(1, round(cfg.warmup_ratio * cfg.epochs * steps_per_epoch))
     model.train()
     step = 0
     bar = tqdm(total=total, desc=f"task {t + 1} {task.key}", disable=None if is_main() else True, leave=False)  # no bars in logs or on other ranks
     for epoch in range(cfg.epochs):
-        for examples in batches(task.train, cfg.batch_size, cfg.seed * 1000 + t * 100 + epoch, rank, world):
+        for chunk in batches(examples, cfg.batch_size, cfg.seed * 1000 + t * 100 + epoch, rank, world):
             lr = cfg.lr * (step + 1) / warmup if step < warmup else \
                 cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
             for group in opt.param_groups:
                 group["lr"] = lr
-            batch = to_device(collate.train(examples), device, bundle.model.dtype)
-            n_tokens = (batch["labels"][:, 1:] != data.IGNORE).sum()
+            inputs = to_device(collate.train(chunk), device, bundle.model.dtype)
+            labels = inputs.pop("labels")
+            n_tokens = (labels[:, 1:] != data.IGNORE).sum()
             if world > 1:
                 dist.all_reduce(n_tokens)
             with autocast(cfg, device):
-                loss_task = task_loss(model, batch, n_tokens.item(), world)
-            stab = stabilization_loss(bundle.model)
-            loss = loss_task + stab.total.to(loss_task.device)
+                logits = model(**inputs).logits
+                loss_task = task_loss(logits, labels, n_tokens.item(), world)
+                extra = method.extra_loss(inputs | {"labels": labels, "logits": logits})
+            loss = loss_task + sum(v.to(loss_task.device) for v in extra.values())
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite loss ({loss.item()}) in task {t + 1} ({task.key}) at step {step + 1}: the "
@@ -253,10 +249,13 @@ def train_task(cfg, t, task, bundle, model, collate, device, log, rank, world):
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            log({"task": task.key, "step": step, "lr": lr, "loss": loss.item(), "task_loss": loss_task.item() / world,
-                 "stab_a": stab.a.item(), "stab_b": stab.b.item()})
+            shown = loss_task.detach() / world  # this rank's share of the global mean
+            if world > 1:
+                dist.all_reduce(shown)
+            log({"task": task.key, "step": step, "lr": lr, "loss": loss.item(), "task_loss": shown.item(),
+                 **{k: v.item() for k, v in extra.items()}})
             bar.update()
-            bar.set_postfix(loss=f"{loss_task.item() / world:.3f}")
+            bar.set_postfix(loss=f"{shown.item():.3f}")
     bar.close()
 
 
@@ -342,8 +341,12 @@ def run(cfg: RunConfig, resume: Path | None = None) -> Path:
     bundle = load_model(cfg, device)
     model = bundle.model
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # No buffer broadcast each step: the continual state (anchors, importance) is the same
+        # on every rank after end_task, and at E=6, r=128 the anchors alone are about 7 GiB.
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                          broadcast_buffers=False)
     collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, bundle.load_image, cfg.max_length)
+    method = METHODS[cfg.method][1](cfg, bundle.model, tasks)
 
     state = {"completed": 0, "R": [[None] * len(tasks) for _ in tasks], "train_s": [], "eval_s": [], "truncated": {}}
     if resume:
@@ -374,21 +377,27 @@ def run(cfg: RunConfig, resume: Path | None = None) -> Path:
     for t in range(state["completed"], len(tasks)):
         task = tasks[t]
         start = time.time()
-        train_task(cfg, t, task, bundle, model, collate, device, log, rank, world)
-        importance_pass(cfg, task, bundle, collate, device, rank, world)
-        end_task(bundle.model)
+        method.begin_task(t)
+        examples = method.examples(t)
+        if examples is not None:  # None: this method trains nothing at step t (joint, before the end)
+            train_task(cfg, t, task, examples, method, bundle, model, collate, device, log, rank, world)
+            importance_pass(cfg, task, bundle, collate, device, rank, world)
+            end_task(bundle.model)
+            method.end_task(t)
         train_s = time.time() - start
         start = time.time()
         if is_main():
             llava_wrap.save_adapters(bundle.model, out / "ckpt" / f"task{t + 1}.safetensors", meta={"task": task.key, "index": t})
-            evaluated = range(t + 1) if cfg.eval == "full" or t == len(tasks) - 1 else [t]
+            last = t == len(tasks) - 1
+            evaluated = [] if examples is None else range(t + 1) if cfg.eval == "full" or last else [t]
             for j in evaluated:
                 score, rows = evaluate_task(cfg, tasks[j], bundle, collate, device)
                 state["R"][t][j] = score
                 with open(out / "predictions" / f"after{t + 1}_{keys[j]}.jsonl", "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in rows)
-            torch.save(probe_gates(cfg, task, bundle, collate, device), out / "gates" / f"{task.key}_after.pt")
-            if t == len(tasks) - 1:
+            if examples is not None:
+                torch.save(probe_gates(cfg, task, bundle, collate, device), out / "gates" / f"{task.key}_after.pt")
+            if last:
                 for old in tasks:
                     torch.save(probe_gates(cfg, old, bundle, collate, device), out / "gates" / f"{old.key}_final.pt")
             state["completed"] = t + 1
@@ -400,7 +409,8 @@ def run(cfg: RunConfig, resume: Path | None = None) -> Path:
             row = " ".join("    -" if v is None else f"{v:5.1f}" for v in state["R"][t])
             n_cut = len(collate.truncated.get(task.key, ()))
             cut = f"; {n_cut} of {len(task.train)} training sequences truncated" if n_cut else ""
-            print(f"after task {t + 1} ({task.key}, {train_s:.0f}s train{cut}): {row}")
+            trained = f"{train_s:.0f}s train" if examples is not None else f"{cfg.method} trains at the end"
+            print(f"after task {t + 1} ({task.key}, {trained}{cut}): {row}")
         if world > 1:
             dist.barrier()
 

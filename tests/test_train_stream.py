@@ -52,7 +52,7 @@ def test_run_directory_contents(reference_run):
     assert set(metrics) >= {"ap", "bwt", "bwt_standard", "forget", "final", "train_s", "eval_s"}
     log = [json.loads(line) for line in (reference_run / "log.jsonl").read_text().splitlines()]
     assert [r["task"] for r in log] == ["numglue"] * 2 + ["art"] * 2  # 16 items / batch 8, one epoch
-    assert log[0]["stab_a"] == 0 and log[-1]["stab_a"] > 0  # no anchor before the first task ends
+    assert log[0]["stab"] == 0 and log[-1]["stab"] > 0  # no anchor before the first task ends
     preds = [json.loads(line) for line in (reference_run / "predictions/after2_art.jsonl").read_text().splitlines()]
     assert len(preds) == 4 and set(preds[0]) == {"id", "prediction", "reference", "score"}
 
