@@ -48,9 +48,14 @@ class Task:
     test: list[Example]
 
 
+# Order C is ours, not the paper's: text and image tasks interleaved differently from A and B,
+# a third order on which the sanity stream's calibration is checked.
+ORDERS = {"A": TASKS, "B": TASKS[::-1], "C": ["OCR", "fomc", "science", "numglue", "medical", "math", "art"]}
+
+
 def task_order(order: str) -> list[str]:
-    """'A', 'B' (reverse of A) or comma-separated task keys."""
-    keys = {"A": TASKS, "B": TASKS[::-1]}.get(order) or order.split(",")
+    """'A', 'B' (reverse of A), 'C' (ours) or comma-separated task keys."""
+    keys = ORDERS.get(order) or order.split(",")
     unknown = [k for k in keys if k not in TASKS]
     if unknown:
         raise ValueError(f"unknown task keys {unknown} in order {order!r}: known keys are {TASKS}")
@@ -164,15 +169,29 @@ def check(root: str | Path, order: str = "A", image_root: str | Path | None = No
 
 
 # ---- the sanity stream: images drawn in code ----
+#
+# Seven small tasks in the benchmark's formats. Their content has two parts. A core
+# vocabulary (COLORS, SHAPES, GLYPHS, two policy phrases per stance, sums) is what the tiny
+# base sees in pretraining, also through these same instructions, on other items. New
+# content (NEW_COLORS, NEW_SHAPES, NEW_GLYPHS, two more phrases per stance, subtraction)
+# only the tasks' own training data shows in their formats (pretraining's "read" and "quote"
+# show the new glyphs and phrases, never what a task asks of them; see PRETRAIN_KINDS). That is how an instruction-tuned base meets a
+# benchmark: it follows the instructions and knows part of the answers, and each task
+# teaches the rest. (A base that knows nothing of the tasks loses every old task within a
+# few steps of the next one; one that knows everything forgets nothing. README,
+# "Calibrating the sanity stream".)
 
 COLORS = {"red": (1, 0, 0), "green": (0, 0.8, 0), "blue": (0.1, 0.3, 1), "yellow": (1, 0.9, 0),
           "purple": (0.6, 0, 0.8), "white": (1, 1, 1)}
+NEW_COLORS = {"cyan": (0, 0.9, 0.9), "grey": (0.55, 0.55, 0.55)}
 SHAPES = ["circle", "square", "triangle", "cross"]
+NEW_SHAPES = ["diamond", "ring"]
 PLACES = {"top left": (8, 8), "top right": (8, 24), "bottom left": (24, 8), "bottom right": (24, 24)}
-GLYPHS = {  # 3 x 5 bitmaps, rows top to bottom
-    "A": "010101111101101", "C": "111100100100111", "E": "111100110100111", "H": "101101111101101",
+GLYPHS = {  # 3 x 5 bitmaps, rows top to bottom; no "A", which answer normalization drops as an article
+    "P": "111101111100100", "C": "111100100100111", "E": "111100110100111", "H": "101101111101101",
     "K": "101110100110101", "L": "100100100100111", "T": "111010010010010", "X": "101101010101101",
 }
+NEW_GLYPHS = {"B": "110101110101110", "J": "001001001101111", "Y": "101101010010010", "Q": "111101101111001"}
 SIZE = 32
 _ys, _xs = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
 
@@ -181,8 +200,12 @@ def _shape_mask(shape: str, cy: int, cx: int, r: int) -> torch.Tensor:
     dy, dx = _ys - cy, _xs - cx
     if shape == "circle":
         return dy**2 + dx**2 <= r**2
+    if shape == "ring":
+        return ((r - 2) ** 2 < dy**2 + dx**2) & (dy**2 + dx**2 <= r**2)
     if shape == "square":
         return (dy.abs() <= r - 1) & (dx.abs() <= r - 1)
+    if shape == "diamond":
+        return dy.abs() + dx.abs() <= r
     if shape == "triangle":
         return (dy >= -r) & (dy <= r) & (dx.abs() <= (dy + r) / 2)
     return ((dy.abs() <= r) & (dx.abs() <= r // 3)) | ((dx.abs() <= r) & (dy.abs() <= r // 3))  # cross
@@ -190,48 +213,66 @@ def _shape_mask(shape: str, cy: int, cx: int, r: int) -> torch.Tensor:
 
 def draw(items, glyphs: str = "", glyph_color: str = "white", seed: int = 0) -> torch.Tensor:
     """A (3, 32, 32) image: shapes (shape, color, (cy, cx), radius), then glyphs, then noise."""
+    colors, bitmaps = COLORS | NEW_COLORS, GLYPHS | NEW_GLYPHS
     g = torch.Generator().manual_seed(seed)
     img = torch.rand(3, 1, 1, generator=g) * 0.15 + torch.zeros(3, SIZE, SIZE)  # dim random background
     for shape, color, (cy, cx), r in items:
-        img[:, _shape_mask(shape, cy, cx, r)] = torch.tensor(COLORS[color], dtype=torch.float).unsqueeze(1)
-    for i, ch in enumerate(glyphs):  # 2x scaled 3x5 glyphs, side by side
-        bitmap = torch.tensor([int(b) for b in GLYPHS[ch]], dtype=torch.bool).view(5, 3)
-        big = bitmap.repeat_interleave(2, 0).repeat_interleave(2, 1)
-        y0, x0 = 3, 5 + 16 * i  # inside the top-left and top-right quadrants
-        img[:, y0:y0 + 10, x0:x0 + 6][:, big] = torch.tensor(COLORS[glyph_color], dtype=torch.float).unsqueeze(1)
+        img[:, _shape_mask(shape, cy, cx, r)] = torch.tensor(colors[color], dtype=torch.float).unsqueeze(1)
+    for i, ch in enumerate(glyphs):  # 3x scaled 3x5 glyphs, side by side
+        bitmap = torch.tensor([int(b) for b in bitmaps[ch]], dtype=torch.bool).view(5, 3)
+        big = bitmap.repeat_interleave(3, 0).repeat_interleave(3, 1)
+        y0, x0 = 1, 3 + 16 * i  # inside the top-left and top-right quadrants
+        img[:, y0:y0 + 15, x0:x0 + 9][:, big] = torch.tensor(colors[glyph_color], dtype=torch.float).unsqueeze(1)
     return (img + 0.05 * torch.randn(img.shape, generator=g)).clamp(0, 1)
 
 
-NAMES = ["Ana", "Ben", "Cleo", "Dev", "Eli", "Fay"]
-OBJECTS = ["apples", "pens", "books", "coins", "stamps", "shells"]
-FOMC = {  # stance -> (option letter, phrases)
-    "hawkish": ("A", ["raise rates", "tighten policy", "fight high inflation", "shrink the balance sheet"]),
-    "dovish": ("B", ["cut rates", "ease policy", "support weak growth", "add more stimulus"]),
-    "neutral": ("C", ["hold rates steady", "keep policy unchanged", "wait for more data", "review the outlook"]),
+FOMC = {  # stance -> (option letter, core phrases, new phrases)
+    "hawkish": ("A", ["raise rates", "tighten policy"], ["fight high inflation", "shrink the balance sheet"]),
+    "dovish": ("B", ["cut rates", "ease policy"], ["support weak growth", "add more stimulus"]),
+    "neutral": ("C", ["hold rates steady", "keep policy unchanged"], ["wait for more data", "review the outlook"]),
 }
-SPEAKERS = ["the committee", "the chair", "the board", "officials"]
-WHEN = ["this year", "next month", "soon", "at the next meeting", "over time", "for now"]
 HEDGES = ["will", "may", "plans to"]
 WORDS = ["one", "two", "three", "four"]
-PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses",
+          "diamond": "diamonds", "ring": "rings"}
+# Fillers: the tasks and the pretraining use different ones, so no pretraining item can be a task item.
+FILLERS = {
+    "task": dict(names=["Ana", "Ben", "Cleo", "Dev", "Eli", "Fay"], objects=["apples", "pens", "books", "coins", "stamps", "shells"],
+                 speakers=["the committee", "the chair", "the board", "officials"],
+                 when=["this year", "next month", "soon", "at the next meeting", "over time", "for now"]),
+    "pretrain": dict(names=["Gus", "Hana", "Ivo", "Jun"], objects=["cups", "keys", "cards", "bags"],
+                     speakers=["the bank", "the governor"], when=["this week", "later", "in spring"]),
+}
 
 
-def _sanity_item(task: str, rng: random.Random):
-    """One item of a sanity task: (key that identifies the item, problem, solution, image)."""
-    seed = rng.randrange(2**31)
+def _sanity_item(task: str, rng: random.Random, pretrain: bool = False):
+    """One item of a task: (key that identifies the item, problem, solution, image).
+
+    pretrain=False draws a task item: core and new content, the tasks' fillers, image seeds
+    below 2**31. pretrain=True draws an item for the tiny base's pretraining in the same
+    format: core content only, other fillers, image seeds from 2**31 up.
+    """
+    fill = FILLERS["pretrain" if pretrain else "task"]
+    colors = list(COLORS) + ([] if pretrain else list(NEW_COLORS))
+    shapes = SHAPES + ([] if pretrain else NEW_SHAPES)
+    glyphs = list(GLYPHS) + ([] if pretrain else list(NEW_GLYPHS))
+    seed = rng.randrange(2**31) | (1 << 31 if pretrain else 0)
     if task == "numglue":
-        name, obj, a, b = rng.choice(NAMES), rng.choice(OBJECTS), rng.randrange(10), rng.randrange(10)
-        problem = (f"{name} has {a} {obj} and gets {b} more. How many {obj} does {name} have now? "
-                   "Think step by step and give the final number after 'answer:'.")
-        return (name, obj, a, b), problem, f"{a} plus {b} is {a + b}. answer: {a + b}", None
+        name, obj, a, b = rng.choice(fill["names"]), rng.choice(fill["objects"]), rng.randrange(10), rng.randrange(10)
+        ask = f"How many {obj} does {name} have now? Think step by step and give the final number after 'answer:'."
+        if pretrain or rng.random() < 0.5:
+            return (name, obj, a, b, "+"), f"{name} has {a} {obj} and gets {b} more. {ask}", f"{a} plus {b} is {a + b}. answer: {a + b}", None
+        a, b = max(a, b), min(a, b)  # new content: subtraction
+        return (name, obj, a, b, "-"), f"{name} has {a} {obj} and gives {b} away. {ask}", f"{a} minus {b} is {a - b}. answer: {a - b}", None
     if task == "fomc":
         stance = rng.choice(list(FOMC))
-        letter, phrases = FOMC[stance]
-        who, hedge, what, when = rng.choice(SPEAKERS), rng.choice(HEDGES), rng.choice(phrases), rng.choice(WHEN)
+        letter, core, new = FOMC[stance]
+        who, hedge, when = rng.choice(fill["speakers"]), rng.choice(HEDGES), rng.choice(fill["when"])
+        what = rng.choice(core + ([] if pretrain else new))
         problem = (f"Statement: {who} {hedge} {what} {when}. Is this statement hawkish, dovish or neutral? "
                    "Options: A. hawkish B. dovish C. neutral. Give the option letter after 'answer:'.")
         return (who, hedge, what, when), problem, f"To {what} is {stance}. answer: {letter}", None
-    shape, color, place = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(PLACES))
+    shape, color, place = rng.choice(shapes), rng.choice(colors), rng.choice(list(PLACES))
     if task == "art":
         image = draw([(shape, color, PLACES[place], 6)], seed=seed)
         problem = "Describe this artwork: its colour, its shape and where it is. End with 'answer:' and a short description."
@@ -239,7 +280,7 @@ def _sanity_item(task: str, rng: random.Random):
     if task == "medical":
         image = draw([(shape, color, PLACES[place], 3)], seed=seed)
         problem = "This is a scan. Where is the lesion and what colour is it? End with 'answer:' and a short finding."
-        return (color, place, seed), problem, f"There is one lesion. answer: a {color} lesion in the {place}", image
+        return (shape, color, place, seed), problem, f"There is one lesion. answer: a {color} lesion in the {place}", image
     if task == "math":
         n = rng.randrange(1, 5)
         spots = rng.sample(list(PLACES.values()), n)
@@ -247,13 +288,13 @@ def _sanity_item(task: str, rng: random.Random):
         problem = "How many shapes are in the picture? Count them and give the number after 'answer:'."
         return (shape, color, tuple(spots), seed), problem, f"I count the {PLURAL[shape]} one by one. answer: {n}", image
     if task == "OCR":
-        code = " ".join(rng.choice(list(GLYPHS)) for _ in range(2))  # spaced: one token per letter
-        image = draw([], glyphs=code.replace(" ", ""), glyph_color=rng.choice(list(COLORS)[:5]), seed=seed)
+        code = " ".join(rng.choice(glyphs) for _ in range(2))  # spaced: one token per letter
+        image = draw([], glyphs=code.replace(" ", ""), glyph_color=rng.choice(colors[:5]), seed=seed)
         problem = "What code is written in the image? Read it and give the code after 'answer:'."
         return (code, seed), problem, f"The code has two letters. answer: {code}", image
     if task == "science":
         image = draw([(shape, color, PLACES[place], rng.choice([4, 6]))], seed=seed)
-        problem = ("Which shape is shown: circle, square, triangle or cross? "
+        problem = ("Which shape is shown: circle, square, triangle, cross, diamond or ring? "
                    "Give the shape name after 'answer:'.")
         return (shape, color, place, seed), problem, f"The outline has a clear form. answer: {shape}", image
     raise ValueError(f"unknown sanity task {task!r}")
@@ -290,52 +331,76 @@ def sanity_stream(seed: int = 0, order: str = "A", n_train: int = 320, n_test: i
     return [by_key[k] for k in task_order(order)]
 
 
+# Generic kinds (short answers, dense in what the images show: they ground the vision) twice
+# as often as each of the seven tasks' formats. Two kinds also show new content, never with
+# what a task asks of it. "quote" repeats policy phrases, new ones too, without their stance:
+# an LM knows the words of a statement before it is taught to classify it, and a base that
+# never wrote "inflation" cannot learn in one task to copy it into its reasoning (FOMC then
+# stays below 70). "read" shows all twelve glyphs, new ones too:
+# the projector is trained here and then frozen, and one trained on eight letters keeps too
+# little of the pixels to tell four more apart (OCR then stays below 40 right after its own
+# training). A CLIP-based LLaVA likewise sees letters it was never asked about in a task's
+# format; what the OCR task teaches is to answer with them in its format.
+PRETRAIN_KINDS = ["caption", "count", "read", "sum", "stance", "quote"] * 2 + TASKS
+
+
+def _pretrain_item(kind: str, rng: random.Random):
+    """One pretraining item: (prompt, text, image). Core content only, but "read" shows every
+    glyph and "quote" every policy phrase. The generic kinds describe images and sums in their own words; the task kinds use
+    the seven tasks' instructions and answers on other items (_sanity_item with pretrain=True)."""
+    if kind in TASKS:
+        return _sanity_item(kind, rng, pretrain=True)[1:]
+    s = rng.randrange(2**31) | 1 << 31  # image seeds the sanity tasks never draw (they are < 2**31)
+    shape, color, place = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(PLACES))
+    if kind == "caption":
+        r = rng.choice([3, 4, 6])
+        return "Describe the image.", f"a {color} {shape} at the {place}", draw([(shape, color, PLACES[place], r)], seed=s)
+    if kind == "count":
+        k = rng.randrange(1, 5)
+        spots = rng.sample(list(PLACES.values()), k)
+        text = f"{WORDS[k - 1]} {color} {PLURAL[shape] if k > 1 else shape}, {k} in all"
+        return "Count the shapes.", text, draw([(shape, color, p, 4) for p in spots], seed=s)
+    if kind == "read":  # every glyph, new ones too: see PRETRAIN_KINDS
+        code = " ".join(rng.choice(list(GLYPHS | NEW_GLYPHS)) for _ in range(2))
+        return "Read the letters.", f"the letters {code} in {color}", draw([], glyphs=code.replace(" ", ""), glyph_color=color, seed=s)
+    if kind == "sum":
+        a, b = rng.randrange(10), rng.randrange(10)
+        return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}", None
+    speaker = rng.choice(FILLERS["pretrain"]["speakers"])
+    if kind == "quote":  # every phrase, new ones too, and no stance: see PRETRAIN_KINDS
+        what = rng.choice([p for _, core, new in FOMC.values() for p in core + new])
+        return f"Statement: {speaker} will {what}. Repeat what they will do.", f"they will {what}", None
+    stance = rng.choice(list(FOMC))
+    what = rng.choice(FOMC[stance][1])
+    return f"Statement: {speaker} will {what}. What is the stance?", f"to {what} is {stance}", None
+
+
 @lru_cache(maxsize=2)
 def pretrain_mixture(seed: int = 0, n: int = 4000) -> tuple[Example, ...]:
-    """Generic image-text pairs for pretraining the tiny base: captions of shapes, counts and
-    glyphs, plain sums, policy stances. They teach the vision tower and projector what is in
-    the images; none is an item of the seven tasks (different seeds, different formats)."""
+    """Pretraining data for the tiny base: captions of shapes, counts and glyphs, plain sums,
+    policy stances and quotes, and the seven tasks' formats on items of their own. Core content
+    only, but "read" shows every glyph and "quote" every policy phrase.
+    None is an item of the seven tasks (other image seeds, other names and speakers)."""
     rng = random.Random(f"pretrain-{seed}")
     out = []
     for i in range(n):
-        kind = rng.choice(["caption", "count", "read", "sum", "stance"])
-        prompt = "Describe the image."
-        s = rng.randrange(2**31) | 1 << 31  # image seeds the sanity tasks never draw (they are < 2**31)
-        shape, color, place = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(PLACES))
-        if kind == "caption":
-            r = rng.choice([3, 4, 6])
-            image, text = draw([(shape, color, PLACES[place], r)], seed=s), f"a {color} {shape} at the {place}"
-        elif kind == "count":
-            k = rng.randrange(1, 5)
-            spots = rng.sample(list(PLACES.values()), k)
-            prompt = "Count the shapes."
-            image, text = draw([(shape, color, p, 4) for p in spots], seed=s), f"{WORDS[k - 1]} {color} {PLURAL[shape] if k > 1 else shape}, {k} in all"
-        elif kind == "read":
-            code = " ".join(rng.choice(list(GLYPHS)) for _ in range(2))
-            prompt = "Read the letters."
-            image, text = draw([], glyphs=code.replace(" ", ""), glyph_color=color, seed=s), f"the letters {code} in {color}"
-        elif kind == "sum":
-            a, b = rng.randrange(10), rng.randrange(10)
-            prompt, image, text = f"What is {a} plus {b}?", None, f"{a} plus {b} is {a + b}"
-        else:
-            stance = rng.choice(list(FOMC))
-            what = rng.choice(FOMC[stance][1])
-            prompt = f"Statement: {rng.choice(SPEAKERS)} will {what}. What is the stance?"
-            image, text = None, f"to {what} is {stance}"
+        kind = rng.choice(PRETRAIN_KINDS)
+        prompt, text, image = _pretrain_item(kind, rng)
         out.append(Example(f"pretrain-{kind}", f"pretrain-{i}", prompt, text, image))
     return tuple(out)
 
 
 def vocabulary() -> list[str]:
     """Every word, digit, punctuation mark and space the sanity stream and pretraining use."""
-    texts = ["USER: <image>\nASSISTANT: answer:", " ".join(GLYPHS)]
-    for task in _sanity(0, 8, 0):
-        texts += [ex.problem + " " + ex.solution for ex in task.train]
-    for task in TASKS:  # every template filler, including words a small draw may miss
-        texts += [" ".join(map(str, range(19))), " ".join(COLORS), " ".join(SHAPES) + " " + " ".join(PLURAL.values()),
-                  " ".join(PLACES), " ".join(NAMES + OBJECTS + SPEAKERS + WORDS + WHEN + HEDGES),
-                  " ".join(p for _, ps in FOMC.values() for p in ps) + " " + " ".join(FOMC)]
-    texts += [ex.problem + " " + ex.solution for ex in pretrain_mixture(0, 200)]
+    texts = ["USER: <image>\nASSISTANT: answer:", " ".join(GLYPHS | NEW_GLYPHS), " ".join(map(str, range(19))),
+             " ".join(COLORS | NEW_COLORS), " ".join(PLACES), " ".join(HEDGES + WORDS),
+             " ".join(f"{k} {v}" for k, v in PLURAL.items()),
+             " ".join(p for _, core, new in FOMC.values() for p in core + new) + " " + " ".join(FOMC),
+             " ".join(w for fill in FILLERS.values() for words in fill.values() for w in words)]
+    rng = random.Random("vocabulary")  # every template, both kinds of draw
+    for task in TASKS:
+        texts += [" ".join(_sanity_item(task, rng, pretrain)[1:3]) for pretrain in (False, True) for _ in range(20)]
+    texts += [" ".join(_pretrain_item(kind, rng)[:2]) for kind in PRETRAIN_KINDS for _ in range(20)]
     return sorted({tok for t in texts for tok in re.findall(r"\w+|[^\w\s]|\s", t)})
 
 

@@ -91,7 +91,7 @@ def add_adapters(model: nn.Module, cfg: PASsConfig, train_projector: bool = Fals
 
 @dataclass
 class TinyConfig:
-    vision_hidden: int = 128  # CLIP width
+    vision_hidden: int = 512  # CLIP width: wide, so the frozen random tower keeps most of each 16 x 16 x 3 patch
     vision_layers: int = 2
     text_hidden: int = 128  # Llama width
     text_layers: int = 2
@@ -181,11 +181,16 @@ def _pretrain(bundle: LlavaBundle, cfg: TinyConfig) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.0)
     rng = random.Random(cfg.seed)
-    for step in tqdm(range(cfg.pretrain_steps), desc="pretraining tiny LLaVA", leave=False):
+    batches = []
+    for step in tqdm(range(cfg.pretrain_steps), desc="pretraining tiny LLaVA", leave=False, disable=None):
         lr = cfg.pretrain_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / cfg.pretrain_steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = model(**collate.train(rng.sample(train, cfg.pretrain_batch))).loss
+        if not batches:  # 8 batches at a time from items of similar length: less padding, same data
+            pool = sorted(rng.sample(train, 8 * cfg.pretrain_batch), key=lambda ex: len(ex.problem) + len(ex.solution))
+            batches = [pool[i:i + cfg.pretrain_batch] for i in range(0, len(pool), cfg.pretrain_batch)]
+            rng.shuffle(batches)
+        loss = model(**collate.train(batches.pop())).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -193,7 +198,7 @@ def _pretrain(bundle: LlavaBundle, cfg: TinyConfig) -> dict:
     hits: dict[str, list[bool]] = {}
     for i in range(0, len(held_out), 50):
         chunk = held_out[i:i + 50]
-        preds = generate(bundle, collate.prompts(chunk), max_new_tokens=24)
+        preds = generate(bundle, collate.prompts(chunk), max_new_tokens=48)
         for p, ex in zip(preds, chunk):
             hits.setdefault(ex.task.removeprefix("pretrain-"), []).append(p.strip() == ex.solution)
     every = [h for kind in hits.values() for h in kind]

@@ -46,6 +46,7 @@ def test_both_formats_parse(tmp_path):
 
 def test_orders():
     assert data.task_order("B") == data.TASKS[::-1]
+    assert sorted(data.task_order("C")) == sorted(data.TASKS)
     assert data.task_order("fomc,art") == ["fomc", "art"]
     with pytest.raises(ValueError, match="unknown task keys"):
         data.task_order("fomc,chess")
@@ -118,11 +119,54 @@ def test_every_answer_has_the_benchmark_form_and_known_words():
 
 
 def test_pretraining_items_are_not_task_items():
-    mixture = data.pretrain_mixture(0, 300)
-    task_images = {e.image.numpy().tobytes() for t in data.sanity_stream() for e in t.train + t.test if e.image is not None}
+    # planted bug: pretraining drawn with the tasks' seeds or fillers (the base then knows the test items)
+    mixture = data.pretrain_mixture(0, 600)
+    tasks = [e for t in data.sanity_stream() for e in t.train + t.test]
+    task_images = {e.image.numpy().tobytes() for e in tasks if e.image is not None}
     assert not any(e.image is not None and e.image.numpy().tobytes() in task_images for e in mixture)
-    task_texts = {e.solution for t in data.sanity_stream() for e in t.train + t.test}
-    assert not {e.solution for e in mixture} & task_texts
+    task_texts = {(e.problem, e.solution) for e in tasks if e.image is None}
+    assert not {(e.problem, e.solution) for e in mixture} & task_texts
+    assert {e.task for e in mixture} >= {f"pretrain-{k}" for k in data.TASKS}  # the tasks' formats are pretrained
+
+
+def _new_words():
+    phrases = [p for _, _, new in data.FOMC.values() for p in new]
+    return list(data.NEW_COLORS) + data.NEW_SHAPES + phrases + [" minus "]
+
+
+def _has_new(ex):  # the solution carries every item's content (science's prompt lists all shapes)
+    code = ex.solution.split("answer:")[-1].split() if ex.task in ("OCR", "pretrain-OCR") else []
+    return any(w in ex.solution for w in _new_words()) or any(c in data.NEW_GLYPHS for c in code)
+
+
+def test_new_content_appears_only_in_the_tasks():
+    # planted bug: pretraining that also draws NEW_* content (then no task has anything to teach
+    # and nothing to forget), or tasks that never draw it
+    pretraining = data.pretrain_mixture(0, 2000)
+    assert not [e for e in pretraining if e.task != "pretrain-quote" and _has_new(e)]
+    # the two exceptions (see PRETRAIN_KINDS) show new content, never what a task asks of it
+    read = [e.solution.split() for e in pretraining if e.task == "pretrain-read"]  # "the letters B J in red"
+    assert any(w in data.NEW_GLYPHS for words in read for w in words[2:4])
+    quotes = [e for e in pretraining if e.task == "pretrain-quote"]
+    assert any(_has_new(e) for e in quotes) and not any(s in e.solution for e in quotes for s in data.FOMC)
+    for task in data.sanity_stream(n_train=80, n_test=10):
+        share = sum(map(_has_new, task.train)) / len(task.train)
+        assert 0.15 < share < 0.9, (task.key, share)
+
+
+def test_ocr_codes_survive_answer_normalization():
+    # planted bug: an "A" (or "an") glyph, which the VQA normalization drops as an article
+    from evaluate import normalize
+    for a in data.GLYPHS | data.NEW_GLYPHS:
+        for b in data.GLYPHS | data.NEW_GLYPHS:
+            assert normalize(f"{a} {b}") == f"{a} {b}".lower()
+
+
+def test_pretraining_mixture_has_known_words_only():
+    # planted bug: a word added to a pretraining template but not to vocabulary() (it becomes <unk>)
+    tok = tiny_tokenizer()
+    for ex in data.pretrain_mixture(0, 600):
+        assert tok.unk_token_id not in tok(ex.problem + " " + ex.solution, add_special_tokens=False)["input_ids"], ex
 
 
 # ---- the collator ----
