@@ -276,6 +276,22 @@ def test_random_reg_is_a_permutation_of_pas():
     assert torch.equal(make_layer("pas", E=4, r=5, reg="random", seed=9).perm, rnd.perm)  # seeded
 
 
+def test_uniform_reg_is_zero_before_the_first_task_and_ones_after():
+    # planted bugs: uniform weights that are 1 before any anchor exists (pulls toward the
+    # random init), or that still follow the importance values
+    layer = make_layer("pas", E=3, r=4, reg="uniform")
+    assert torch.equal(layer.stab_weights(), torch.zeros(3, 4))
+    with torch.no_grad(), track_importance(layer):
+        layer(torch.randn(5, D_IN))
+    end_task(layer)
+    assert layer.importance_agg.std() > 0  # the importance values differ; the weights do not
+    assert torch.equal(layer.stab_weights(), torch.ones(3, 4))
+    with torch.no_grad():
+        layer.lora_A.add_(torch.randn_like(layer.lora_A))
+    a = ((layer.lora_A.double() - layer.anchor_A.double()) ** 2).sum()  # w = 1: plain L2 to the anchor
+    assert torch.allclose(stabilization_loss(layer).a.double(), a, rtol=1e-5)
+
+
 def test_state_dict_round_trips_continual_state():
     layer = make_layer("softmax")
     with torch.no_grad(), track_importance(layer):
