@@ -421,6 +421,115 @@ def learnability(runs: list[dict], bar: float = 70.0) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- calibration: does the stream separate methods whose behaviour is known? ----
+
+REFERENCES = ("seqlora", "replay", "joint")
+CALIBRATION = {  # fixed before any method under test was looked at (README, "Calibrating the sanity stream")
+    "learned": 70.0,  # every task scores at least this right after its own training (joint: at the end)
+    "joint_ap": 80.0,  # the upper bound is high
+    "seqlora_bwt": (-45.0, -10.0),  # sequential fine-tuning forgets clearly, not totally (paper BWT)
+    "replay_gap": 10.0,  # replay's mean AP beats seqlora's by this much, and the seed ranges are apart
+}
+
+
+def _span(values: list[float]) -> str:
+    return f"{statistics.mean(values):.1f} [{min(values):.1f}, {max(values):.1f}]" if values else "-"
+
+
+def calibration(runs: list[dict]) -> str:
+    """Per order: the reference methods' AP, BWT and just-trained scores over seeds (mean
+    [min, max]), and whether each criterion of CALIBRATION holds on every seed."""
+    c = CALIBRATION
+    orders = sorted({r["config"].get("order") for r in runs if r["method"] in REFERENCES})
+    rows = ["| order | method | seeds | AP | BWT | lowest just-trained score |", "|---|---|---|---|---|---|"]
+    checks = [f"| order | every task learned (≥ {c['learned']:g}) | joint AP ≥ {c['joint_ap']:g} "
+              f"| seqlora BWT in [{c['seqlora_bwt'][0]:g}, {c['seqlora_bwt'][1]:g}] "
+              f"| replay AP ≥ seqlora AP + {c['replay_gap']:g}, ranges apart | all |", "|---|---|---|---|---|---|"]
+    for order in orders:
+        by = {m: [r for r in runs if r["method"] == m and r["config"].get("order") == order] for m in REFERENCES}
+        ap = {m: [r["metrics"]["ap"] for r in rs] for m, rs in by.items()}
+        low = {m: [min(just_trained(r["R"])) for r in rs] for m, rs in by.items()}
+        for m, rs in by.items():
+            if rs:
+                bwt = [r["metrics"]["bwt"] for r in rs if r["metrics"]["bwt"] is not None]
+                rows.append(f"| {order} | {m} | {len(rs)} | {_span(ap[m])} | {_span(bwt)} | {min(low[m]):.1f} |")
+        if not all(by.values()):
+            checks.append(f"| {order} | incomplete: needs runs of {', '.join(m for m in REFERENCES if not by[m])} | | | | |")
+            continue
+        lows = [v for m in REFERENCES for v in low[m]]
+        seq_bwt = [r["metrics"]["bwt"] for r in by["seqlora"]]
+        gap = statistics.mean(ap["replay"]) - statistics.mean(ap["seqlora"])
+        verdicts = [
+            (min(lows) >= c["learned"], f"lowest {min(lows):.1f}"),
+            (min(ap["joint"]) >= c["joint_ap"], f"lowest {min(ap['joint']):.1f}"),
+            (all(c["seqlora_bwt"][0] <= b <= c["seqlora_bwt"][1] for b in seq_bwt), f"{min(seq_bwt):.1f} to {max(seq_bwt):.1f}"),
+            (gap >= c["replay_gap"] and min(ap["replay"]) > max(ap["seqlora"]),
+             f"+{gap:.1f}, replay lowest {min(ap['replay']):.1f} vs seqlora highest {max(ap['seqlora']):.1f}"),
+        ]
+        cells = [("yes" if ok else "**NO**") + f" ({why})" for ok, why in verdicts]
+        checks.append(f"| {order} | " + " | ".join(cells) + f" | {'yes' if all(ok for ok, _ in verdicts) else '**NO**'} |")
+    return "\n".join(rows) + "\n\n" + "\n".join(checks) + "\n"
+
+
+def lambda_sweep(runs: list[dict]) -> tuple[str, dict]:
+    """The stability-plasticity frontier: per weighting (pasmoe, pasmoe-random, l2) and per
+    strength (x the default lambda_a and lambda_b; 0 is pas-rw, the same layers without the
+    penalty), the mean over seeds of BWT, final AP and mean just-trained score (plasticity)."""
+    points: dict[str, dict[float, list[dict]]] = {}
+    for r in runs:
+        factor = round(r["config"]["lambda_a"] / DEFAULT_LAMBDA_A, 6)
+        if r["method"] in ("pasmoe", "pasmoe-random", "l2"):
+            points.setdefault(r["method"], {}).setdefault(factor, []).append(r)
+    for m in points:  # the unregularized end of every curve
+        points[m][0.0] = [r for r in runs if r["method"] == "pas-rw"]
+    lines = ["| weighting | λ factor | seeds | AP | BWT | mean just-trained |", "|---|---|---|---|---|---|"]
+    curves = {}
+    for m, by_factor in points.items():
+        curve = []
+        for f in sorted(by_factor):
+            rs = by_factor[f]
+            if not rs:
+                continue
+            ap = [r["metrics"]["ap"] for r in rs]
+            bwt = [r["metrics"]["bwt"] for r in rs]
+            plastic = [statistics.mean(just_trained(r["R"])) for r in rs]
+            lines.append(f"| {m} | {f:g} | {len(rs)} | {_pm(ap)} | {_pm(bwt)} | {_pm(plastic)} |")
+            curve.append((f, statistics.mean(bwt), statistics.mean(ap), statistics.mean(plastic)))
+        curves[m] = curve
+    return "\n".join(lines) + "\n", curves
+
+
+def _frontier_figure(study_dir: Path, curves: dict, refs: list[dict]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, idx, label in ((axes[0], 2, "final AP"), (axes[1], 3, "mean just-trained score (plasticity)")):
+        for m, curve in curves.items():
+            ax.plot([p[1] for p in curve], [p[idx] for p in curve], marker="o", label=m)
+            for p in curve:
+                ax.annotate(f"{p[0]:g}", (p[1], p[idx]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        for m in ("seqlora", "replay"):
+            rs = [r for r in refs if r["method"] == m]
+            if rs:
+                y = [r["metrics"]["ap"] if idx == 2 else statistics.mean(just_trained(r["R"])) for r in rs]
+                ax.scatter([statistics.mean(r["metrics"]["bwt"] for r in rs)], [statistics.mean(y)], marker="s", label=m)
+        joint = [r["metrics"]["ap"] for r in refs if r["method"] == "joint"]
+        if joint and idx == 2:
+            ax.axhline(statistics.mean(joint), color="grey", ls="--", lw=1, label="joint (upper bound)")
+        ax.set(xlabel="BWT (paper convention; 0 = no forgetting)", ylabel=label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("stability-plasticity frontier: labels are λ factors (× the paper's λ_A, λ_B)", fontsize=9)
+    fig.tight_layout()
+    path = study_dir / "figures" / "frontier.png"
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def study_report(study_dir: str | Path) -> str:
     """Tables (ablation, order B, experts, lambda_A, mechanisms) and figures of a study."""
     study_dir = Path(study_dir)
@@ -430,6 +539,9 @@ def study_report(study_dir: str | Path) -> str:
     commits = sorted({r["config"].get("commit", "unknown") for r in runs})
     main_runs = _select(runs, order="A", num_experts=6, lambda_a=DEFAULT_LAMBDA_A)
     parts = [f"Runs: {len(runs)}; commit(s): {', '.join(commits)}.\n"]
+    refs = [r for r in _select(runs, num_experts=6, lambda_a=DEFAULT_LAMBDA_A) if r["method"] in REFERENCES]
+    if refs:
+        parts += ["### Calibration: reference methods, AP and BWT as mean [min, max] over seeds\n", calibration(refs)]
     if main_runs:
         parts += ["### Ablation (order A; paper Tables 2 and 7)\n", report(main_runs)]
         parts += ["### Learnability: score right after training each task, all ablation runs\n", learnability(main_runs)]
@@ -440,9 +552,14 @@ def study_report(study_dir: str | Path) -> str:
     if len({r["config"]["num_experts"] for r in experts}) > 1:
         ranks = sorted({r["config"]["rank"] for r in experts})
         parts += [f"### Number of experts, rank {'/'.join(map(str, ranks))} per expert (paper Table 3)\n", _by_setting(experts, "num_experts", ["moelora", "pasmoe"])]
-    lam = _select(runs, order="A", num_experts=6, method="pasmoe")
-    if len({r["config"]["lambda_a"] for r in lam}) > 1:
-        parts += ["### λ_A sweep for pasmoe (paper Fig. 4)\n", _by_setting(lam, "lambda_a", ["pasmoe"])]
+    lam = _select(runs, order="A", num_experts=6)
+    if len({r["config"]["lambda_a"] for r in lam if r["method"] in ("pasmoe", "pasmoe-random", "l2")}) > 1:
+        table, curves = lambda_sweep(lam)
+        parts += ["### λ sweep: the stability-plasticity frontier (paper Fig. 4, widened)\n", table]
+        try:
+            parts.append(f"figure: {_frontier_figure(study_dir, curves, [r for r in main_runs if r['method'] in REFERENCES])}\n")
+        except ImportError:
+            parts.append("(no frontier figure: pip install matplotlib)\n")
     mech = {}
     for run in main_runs:
         found = analyses(run)

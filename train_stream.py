@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
@@ -59,7 +60,7 @@ class RunConfig:
     model: str = "tiny"  # "tiny" (pretrained tiny LLaVA, cached) or a LLaVA-1.5 path / hub name
     cache_dir: str = "cache"  # where the tiny base is cached
     tiny_pretrain_steps: int = 2500  # pretraining steps of the tiny base (part of its cache key)
-    order: str = "A"  # "A", "B" (reverse) or comma-separated task keys
+    order: str = "A"  # "A", "B" (reverse), "C" (ours, data.ORDERS) or comma-separated task keys
     num_experts: int = 6  # E (seqlora: 1 expert of rank num_experts * rank)
     rank: int = 4  # rank per expert
     total_rank: int | None = None  # if set, split across experts: rank = total_rank // num_experts
@@ -71,6 +72,13 @@ class RunConfig:
     lambda_b: float = 5e-5  # paper section 5.1 (section 5.3.2 prefers 2.5e-4)
     weight_clip: float = 10.0
     replay_fraction: float = 0.1  # replay: share of each finished task's training items kept in the buffer
+    ewc_lambda: float = 100.0  # ewc: lambda of (lambda/2) sum F (theta - theta*)^2 (README, "Methods")
+    ewc_gamma: float = 1.0  # ewc, mas: F <- gamma F + F_t (1: sum over tasks; < 1: online EWC)
+    mas_lambda: float = 1.0  # mas: lambda (Aljundi et al. 2018)
+    lwf_lambda: float = 1.0  # lwf: weight of the distillation term (Li and Hoiem 2016)
+    lwf_temperature: float = 2.0  # lwf: softmax temperature T (Li and Hoiem 2016)
+    olora_lambda1: float = 0.5  # olora: weight of the orthogonality term (O-LoRA's code)
+    olora_lambda2: float = 0.0  # olora: weight of the new slice's L2 norm (O-LoRA's code)
     train_projector: bool = False  # the paper trains adapters only
     lr: float = 2e-3
     epochs: int = 4
@@ -238,7 +246,7 @@ def train_task(cfg, t, task, examples, method, bundle, model, collate, device, l
             with autocast(cfg, device):
                 logits = model(**inputs).logits
                 loss_task = task_loss(logits, labels, n_tokens.item(), world)
-                extra = method.extra_loss(inputs | {"labels": labels, "logits": logits})
+                extra = method.extra_loss(inputs | {"labels": labels, "logits": logits, "n_tokens": n_tokens.item(), "world": world})
             loss = loss_task + sum(v.to(loss_task.device) for v in extra.values())
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -346,13 +354,23 @@ def run(cfg: RunConfig, resume: Path | None = None) -> Path:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                           broadcast_buffers=False)
     collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, bundle.load_image, cfg.max_length)
-    method = METHODS[cfg.method][1](cfg, bundle.model, tasks)
+
+    def forward(examples):  # for methods that need passes of their own (EWC, MAS)
+        inputs = to_device(collate.train(examples), device, bundle.model.dtype)
+        labels = inputs.pop("labels")
+        with autocast(cfg, device):
+            return bundle.model(**inputs).logits, labels
+
+    method = METHODS[cfg.method][1](cfg, bundle.model, tasks, forward)
 
     state = {"completed": 0, "R": [[None] * len(tasks) for _ in tasks], "train_s": [], "eval_s": [], "truncated": {}}
     if resume:
         state = json.loads((out / "state.json").read_text()) if (out / "state.json").exists() else state
         if state["completed"]:
             llava_wrap.load_adapters(bundle.model, out / "ckpt" / f"task{state['completed']}.safetensors")
+            saved = out / "ckpt" / f"method{state['completed']}.safetensors"
+            if saved.exists():
+                method.load_state_dict(load_file(saved, device=str(device)))
         collate.truncated = {k: set(v) for k, v in state["truncated"].items()}
         if is_main():
             print(f"resuming {out} after task {state['completed']} of {len(tasks)}")
@@ -388,6 +406,10 @@ def run(cfg: RunConfig, resume: Path | None = None) -> Path:
         start = time.time()
         if is_main():
             llava_wrap.save_adapters(bundle.model, out / "ckpt" / f"task{t + 1}.safetensors", meta={"task": task.key, "index": t})
+            if method.state_dict():  # EWC, MAS: importance and anchors
+                tmp = out / "ckpt" / f".method{t + 1}.tmp"
+                save_file({k: v.contiguous() for k, v in method.state_dict().items()}, tmp)
+                os.replace(tmp, out / "ckpt" / f"method{t + 1}.safetensors")  # atomic, like the adapters
             last = t == len(tasks) - 1
             evaluated = [] if examples is None else range(t + 1) if cfg.eval == "full" or last else [t]
             for j in evaluated:
@@ -424,19 +446,27 @@ def run(cfg: RunConfig, resume: Path | None = None) -> Path:
     return out
 
 
-# ---- the small-scale study (issue 7): the paper's comparisons on the sanity stream ----
+# ---- the small-scale study: calibration with reference methods, then the paper's comparisons ----
 
+REFERENCES = ["seqlora", "replay", "joint"]  # methods whose behaviour is known: the stream's calibration
+LAMBDA_FACTORS = [1, 10, 100, 1000, 10000]  # x (lambda_a, lambda_b) defaults; factor 0 is pas-rw
 STUDY = {  # part -> (variants: (method, overrides), seeds)
-    "ablation": ([(m, {}) for m in METHODS], 3),  # paper Tables 2 and 7
+    "calibration": ([(m, {"order": o}) for o in ("A", "B", "C") for m in REFERENCES], 3),
+    "ablation": ([(m, {}) for m in METHODS], 3),  # paper Tables 2 and 7, plus l2
     "order-b": ([("moelora", {"order": "B"}), ("pasmoe", {"order": "B"})], 3),  # Table 6
-    "experts": ([(m, {"num_experts": E}) for E in (2, 4, 6, 8) for m in ("moelora", "pasmoe")], 2),  # Table 3
-    "lambda": ([("pasmoe", {"lambda_a": la}) for la in (5e-5, 1.5e-4, 5e-4, 1.5e-3, 5e-3)], 2),  # Fig. 4
+    "lambda": ([(m, {"lambda_a": f * RunConfig.lambda_a, "lambda_b": f * RunConfig.lambda_b})
+                for f in LAMBDA_FACTORS for m in ("pasmoe", "pasmoe-random", "l2")], 1),  # Fig. 4, widened
+    "experts": ([(m, {"num_experts": E}) for E in (2, 4, 6, 8) for m in ("moelora", "pasmoe")], 1),  # Table 3
 }
 
 
 def study(base: RunConfig, out_dir: Path, parts: list[str]) -> None:
     """Run every study variant on top of `base` (skipping finished runs, resuming broken
-    ones), then write the tables and figures with evaluate.study_report."""
+    ones), then write the tables and figures with evaluate.study_report.
+
+    Several study processes may share one directory (one per core or machine): each run is
+    claimed with a lock file, and a run that another process holds is left to it.
+    """
     fields = [f.name for f in dataclasses.fields(RunConfig) if f.name != "out"]
     for part in parts:
         variants, seeds = STUDY[part]
@@ -454,8 +484,18 @@ def study(base: RunConfig, out_dir: Path, parts: list[str]) -> None:
                     if (run_dir / "metrics.json").exists():
                         print(f"[{part}] {name}: done, reused")
                         continue
-                print(f"[{part}] {name}")
-                run(cfg, resume=run_dir if run_dir.exists() else None)
+                lock = out_dir / "runs" / f".{name}.lock"
+                lock.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    lock.open("x").close()
+                except FileExistsError:
+                    print(f"[{part}] {name}: skipped, another study process holds {lock} (delete it if none does)")
+                    continue
+                try:
+                    print(f"[{part}] {name}")
+                    run(cfg, resume=run_dir if run_dir.exists() else None)
+                finally:
+                    lock.unlink()
     evaluate.study_report(out_dir)
 
 

@@ -196,3 +196,56 @@ def test_learnability_counts_diagonal_cells_below_the_bar(tmp_path):
             for i, R in enumerate([[[80.0, None], [10.0, 60.0]], [[90.0, None], [10.0, 100.0]]])]
     rows = learnability(runs).splitlines()[2:]
     assert rows == ["| x | 85.0 | 80.0 | 0 of 2 |", "| y | 80.0 | 60.0 | 1 of 2 |"]
+
+
+def calibration_runs(tmp_path, seq, rep, joint, order="A"):
+    """Two-task runs of the reference methods: seq and rep are (R[0][0], R[1][0], R[1][1]) per
+    seed, joint the final row per seed."""
+    runs = []
+    for method, rows in (("seqlora", seq), ("replay", rep)):
+        for i, (d0, f0, d1) in enumerate(rows):
+            runs.append(write_run(tmp_path / f"{method}{order}{i}", method, i, [[d0, None], [f0, d1]]))
+    for i, final in enumerate(joint):
+        runs.append(write_run(tmp_path / f"joint{order}{i}", "joint", i, [[None, None], final]))
+    runs = [load_run(d) for d in runs]
+    for r in runs:
+        r["config"]["order"] = order
+    return runs
+
+
+def test_calibration_passes_a_calibrated_stream_and_names_each_failure(tmp_path):
+    # planted bugs: a criterion checked on the mean instead of every seed, replay ranges that
+    # overlap counted as apart, joint's missing diagonal read as 0
+    from evaluate import calibration
+
+    good = calibration_runs(tmp_path, seq=[(90, 40, 90), (90, 50, 80)], rep=[(90, 80, 90), (90, 75, 85)],
+                            joint=[[90, 85], [85, 90]])
+    text = calibration(good)
+    assert text.splitlines()[-1].endswith("| yes |")  # seqlora BWT -25 and -20; replay AP 85, 80 vs 65, 65
+    assert "| A | joint | 2 | 87.5 [87.5, 87.5] | - | 85.0 |" in text
+    # one seqlora seed forgets everything (BWT -45.5), one replay seed overlaps, one joint seed low
+    (tmp_path / "bad").mkdir()
+    bad = calibration_runs(tmp_path / "bad", seq=[(90, 40, 90), (91, 0, 80)], rep=[(90, 80, 90), (90, 45, 85)],
+                           joint=[[90, 85], [72, 74]], order="B")
+    last = calibration(bad).splitlines()[-1]
+    cells = [c.strip() for c in last.split("|")[1:-1]]
+    assert cells[0] == "B" and cells[1].startswith("yes")
+    assert cells[2].startswith("**NO**") and cells[3].startswith("**NO**") and cells[4].startswith("**NO**")
+    assert cells[5] == "**NO**"
+
+
+def test_lambda_sweep_puts_pas_rw_at_factor_zero(tmp_path):
+    # planted bug: factors read from the wrong field, or the unregularized end of the curve missing
+    from evaluate import DEFAULT_LAMBDA_A, lambda_sweep
+
+    runs = []
+    for name, method, la, R in (("a", "pasmoe", 10 * DEFAULT_LAMBDA_A, [[80.0, None], [70.0, 60.0]]),
+                                ("b", "l2", DEFAULT_LAMBDA_A, [[80.0, None], [40.0, 90.0]]),
+                                ("c", "pas-rw", DEFAULT_LAMBDA_A, [[90.0, None], [10.0, 90.0]])):
+        run = load_run(write_run(tmp_path / name, method, 0, R))
+        run["config"]["lambda_a"] = la
+        runs.append(run)
+    table, curves = lambda_sweep(runs)
+    assert curves["pasmoe"] == [(0.0, -40.0, 50.0, 90.0), (10.0, -5.0, 65.0, 70.0)]
+    assert curves["l2"] == [(0.0, -40.0, 50.0, 90.0), (1.0, -20.0, 65.0, 85.0)]
+    assert "| pasmoe | 10 | 1 | 65.00 | -5.00 | 70.00 |" in table

@@ -135,3 +135,44 @@ def test_two_process_gloo_run_matches_one_process(reference_run, cache, tmp_path
     for key in one:
         if key.endswith(("importance_agg", "anchor_A", "anchor_B")):
             assert torch.allclose(two[key], one[key], rtol=1e-4, atol=1e-6), key
+
+
+@pytest.mark.parametrize("method,term", [("ewc", "consolidation"), ("mas", "consolidation"), ("lwf", "distill"),
+                                         ("olora", "orthogonal"), ("replay", None), ("joint", None)])
+def test_every_method_runs_and_logs_its_terms(cache, tmp_path, method, term):
+    # planted bugs: a method whose extra term never switches on after the first task, or whose
+    # run directory lacks the usual files
+    out = tmp_path / method
+    ts.run(small(cache, out, "--method", method))
+    metrics = json.loads((out / "metrics.json").read_text())
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    if method == "joint":  # trains once, on both tasks' items: 32 / batch 8 = 4 steps at the last task
+        assert metrics["bwt"] is None and [r["task"] for r in log] == ["art"] * 4
+        return
+    assert metrics["bwt"] is not None and [r["task"] for r in log] == ["numglue"] * 2 + ["art"] * (2 if method != "replay" else 3)
+    if term:
+        assert log[0][term] == 0 and log[-1][term] > 0
+
+
+def test_resume_restores_the_methods_own_state(cache, tmp_path, monkeypatch):
+    # planted bug: EWC's Fisher and anchors not saved or not loaded on resume (the penalty is
+    # then 0 for the rest of the run)
+    reference = tmp_path / "ref"
+    ts.run(small(cache, reference, "--method", "ewc"))
+    out = tmp_path / "crashed"
+    real_loss, calls = ts.task_loss, []
+
+    def crash_in_task_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(ts, "task_loss", crash_in_task_two)
+    with pytest.raises(KeyboardInterrupt):
+        ts.run(small(cache, out, "--method", "ewc"))
+    monkeypatch.setattr(ts, "task_loss", real_loss)
+    ts.run(*ts.parse_args(["--resume", str(out)])[:2])
+    a = [json.loads(line)["consolidation"] for line in (out / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(line)["consolidation"] for line in (reference / "log.jsonl").read_text().splitlines()]
+    assert a[3] > 0 and a == pytest.approx(b, rel=1e-4)  # a[2]: the first step of task 2, at the anchor
