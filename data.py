@@ -174,8 +174,8 @@ def check(root: str | Path, order: str = "A", image_root: str | Path | None = No
 # vocabulary (COLORS, SHAPES, GLYPHS, two policy phrases per stance, sums) is what the tiny
 # base sees in pretraining, also through these same instructions, on other items. New
 # content (NEW_COLORS, NEW_SHAPES, NEW_GLYPHS, two more phrases per stance, subtraction)
-# only the tasks' own training data shows in their formats (pretraining's "read" and "quote"
-# show the new glyphs and phrases, never what a task asks of them; see PRETRAIN_KINDS). That is how an instruction-tuned base meets a
+# only the tasks' own training data shows in their formats (pretraining's "read" shows the
+# new glyphs, never what the OCR task asks of them; see PRETRAIN_KINDS). That is how an instruction-tuned base meets a
 # benchmark: it follows the instructions and knows part of the answers, and each task
 # teaches the rest. (A base that knows nothing of the tasks loses every old task within a
 # few steps of the next one; one that knows everything forgets nothing. README,
@@ -332,21 +332,17 @@ def sanity_stream(seed: int = 0, order: str = "A", n_train: int = 320, n_test: i
 
 
 # Generic kinds (short answers, dense in what the images show: they ground the vision) twice
-# as often as each of the seven tasks' formats. Two kinds also show new content, never with
-# what a task asks of it. "quote" repeats policy phrases, new ones too, without their stance:
-# an LM knows the words of a statement before it is taught to classify it, and a base that
-# never wrote "inflation" cannot learn in one task to copy it into its reasoning (FOMC then
-# stays below 70). "read" shows all twelve glyphs, new ones too:
+# as often as each of the seven tasks' formats. "read" shows all twelve glyphs, new ones too:
 # the projector is trained here and then frozen, and one trained on eight letters keeps too
 # little of the pixels to tell four more apart (OCR then stays below 40 right after its own
 # training). A CLIP-based LLaVA likewise sees letters it was never asked about in a task's
 # format; what the OCR task teaches is to answer with them in its format.
-PRETRAIN_KINDS = ["caption", "count", "read", "sum", "stance", "quote"] * 2 + TASKS
+PRETRAIN_KINDS = ["caption", "count", "read", "sum", "stance"] * 2 + TASKS
 
 
 def _pretrain_item(kind: str, rng: random.Random):
     """One pretraining item: (prompt, text, image). Core content only, but "read" shows every
-    glyph and "quote" every policy phrase. The generic kinds describe images and sums in their own words; the task kinds use
+    glyph. The generic kinds describe images and sums in their own words; the task kinds use
     the seven tasks' instructions and answers on other items (_sanity_item with pretrain=True)."""
     if kind in TASKS:
         return _sanity_item(kind, rng, pretrain=True)[1:]
@@ -366,21 +362,17 @@ def _pretrain_item(kind: str, rng: random.Random):
     if kind == "sum":
         a, b = rng.randrange(10), rng.randrange(10)
         return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}", None
-    speaker = rng.choice(FILLERS["pretrain"]["speakers"])
-    if kind == "quote":  # every phrase, new ones too, and no stance: see PRETRAIN_KINDS
-        what = rng.choice([p for _, core, new in FOMC.values() for p in core + new])
-        return f"Statement: {speaker} will {what}. Repeat what they will do.", f"they will {what}", None
     stance = rng.choice(list(FOMC))
     what = rng.choice(FOMC[stance][1])
-    return f"Statement: {speaker} will {what}. What is the stance?", f"to {what} is {stance}", None
+    return f"Statement: {rng.choice(FILLERS['pretrain']['speakers'])} will {what}. What is the stance?", f"to {what} is {stance}", None
 
 
 @lru_cache(maxsize=2)
 def pretrain_mixture(seed: int = 0, n: int = 4000) -> tuple[Example, ...]:
     """Pretraining data for the tiny base: captions of shapes, counts and glyphs, plain sums,
-    policy stances and quotes, and the seven tasks' formats on items of their own. Core content
-    only, but "read" shows every glyph and "quote" every policy phrase.
-    None is an item of the seven tasks (other image seeds, other names and speakers)."""
+    policy stances, and the seven tasks' formats on items of their own. Core content only, but
+    "read" shows every glyph. None is an item of the seven tasks (other image seeds, other
+    names and speakers)."""
     rng = random.Random(f"pretrain-{seed}")
     out = []
     for i in range(n):

@@ -72,7 +72,7 @@ class RunConfig:
     lambda_b: float = 5e-5  # paper section 5.1 (section 5.3.2 prefers 2.5e-4)
     weight_clip: float = 10.0
     replay_fraction: float = 0.1  # replay: share of each finished task's training items kept in the buffer
-    ewc_lambda: float = 100.0  # ewc: lambda of (lambda/2) sum F (theta - theta*)^2 (README, "Methods")
+    ewc_lambda: float = 3e7  # ewc: lambda of (lambda/2) sum F (theta - theta*)^2 (README, "Methods": how it was set)
     ewc_gamma: float = 1.0  # ewc, mas: F <- gamma F + F_t (1: sum over tasks; < 1: online EWC)
     mas_lambda: float = 1.0  # mas: lambda (Aljundi et al. 2018)
     lwf_lambda: float = 1.0  # lwf: weight of the distillation term (Li and Hoiem 2016)
