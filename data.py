@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-TASKS = ["numglue", "art", "math", "fomc", "medical", "OCR", "science"]  # order A (SPEC section 6)
+TASKS = ["numglue", "art", "math", "fomc", "medical", "OCR", "science"]  # order A (the paper's)
 TEXT_ONLY = {"numglue", "fomc"}
 IGNORE = -100  # label of tokens the loss skips
 

@@ -11,7 +11,7 @@
     python evaluate.py --study DIR                 the study's tables and figures (results.md)
 
 R[i][j] is the score on task j after training task i (rows and columns 0-based); null
-cells are tasks not evaluated at that point. Metrics follow SPEC section 5:
+cells are tasks not evaluated at that point. Metrics as the paper defines them (README, "The paper's numbers"):
     Acc_t = R[T-1][t]    Forget_t = R[T-1][t] - R[t][t]    AP = mean_t Acc_t
     BWT (paper) = sum_{t<T-1} Forget_t / T    BWT (standard) = same sum / (T-1)
 This file stands alone (no import of the other project files).
@@ -27,7 +27,7 @@ from pathlib import Path
 
 # ---- answer extraction and scorers ----
 
-TASK_METRICS = {  # MLLM-CTBench task key -> scorer (SPEC section 6)
+TASK_METRICS = {  # MLLM-CTBench task key -> scorer (the benchmark's)
     "numglue": "exact",
     "art": "rouge_l",
     "math": "first_token",
@@ -143,7 +143,7 @@ def cl_metrics(R: list[list[float | None]]) -> dict:
     else:
         forget = [final[t] - R[t][t] for t in range(T - 1)] + [None]
         total = sum(forget[:-1])
-        bwt = total / T  # the paper's convention (README, "Metrics")
+        bwt = total / T  # the paper's convention (README, "The paper's numbers")
         bwt_standard = total / (T - 1) if T > 1 else None  # Lopez-Paz & Ranzato
     return {"ap": sum(final) / T, "bwt": bwt, "bwt_standard": bwt_standard, "final": list(final), "forget": forget}
 

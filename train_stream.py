@@ -45,7 +45,7 @@ import llava_wrap
 from baselines import METHODS
 from pasmoe import PASsConfig, end_task, pas_layers, track_importance
 
-# The paper's LLaVA-1.5-7B recipe (SPEC section 7): E=6, r=128, alpha=256 and lr=2e-5 from
+# The paper's LLaVA-1.5-7B recipe: E=6, r=128, alpha=256 and lr=2e-5 from
 # the benchmark code, 3 epochs, batch 12, max length 1536, bf16, seed 42.
 PAPER_RECIPE = dict(num_experts=6, rank=128, alpha=256.0, lr=2e-5, epochs=3, batch_size=12, max_length=1536,
                     dtype="bfloat16", seed=42, eval="diag-last", max_new_tokens=512)
