@@ -448,10 +448,9 @@ def run(cfg: RunConfig, resume: Path | None = None) -> Path:
 
 # ---- the small-scale study: calibration with reference methods, then the paper's comparisons ----
 
-REFERENCES = ["seqlora", "replay", "joint"]  # methods whose behaviour is known: the stream's calibration
 LAMBDA_FACTORS = [1, 10, 100, 1000, 10000]  # x (lambda_a, lambda_b) defaults; factor 0 is pas-rw
 STUDY = {  # part -> (variants: (method, overrides), seeds)
-    "calibration": ([(m, {"order": o}) for o in ("A", "B", "C") for m in REFERENCES], 3),
+    "calibration": ([(m, {"order": o}) for o in ("A", "B", "C") for m in evaluate.REFERENCES], 3),  # known behaviour
     "ablation": ([(m, {}) for m in METHODS], 3),  # paper Tables 2 and 7, plus l2
     "order-b": ([("moelora", {"order": "B"}), ("pasmoe", {"order": "B"})], 3),  # Table 6
     "lambda": ([(m, {"lambda_a": f * RunConfig.lambda_a, "lambda_b": f * RunConfig.lambda_b})
