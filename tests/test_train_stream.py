@@ -134,7 +134,12 @@ def test_two_process_gloo_run_matches_one_process(reference_run, cache, tmp_path
     two, one = load_file(out / "ckpt" / "task2.safetensors"), load_file(reference_run / "ckpt" / "task2.safetensors")
     for key in one:
         if key.endswith(("importance_agg", "anchor_A", "anchor_B")):
-            assert torch.allclose(two[key], one[key], rtol=1e-4, atol=1e-6), key
+            # Two ranks sum gradients in another order than one process; Adam turns tiny
+            # differences in near-zero gradients into visible ones, so the tolerance is 0.1% of
+            # the tensor's scale. Planted bugs (no all-reduce of the importance sums, the loss
+            # not scaled by world) differ by a factor of about 2.
+            diff, scale = (two[key] - one[key]).abs().max().item(), one[key].abs().max().item()
+            assert diff <= 1e-3 * scale + 1e-8, (key, diff, scale)
 
 
 @pytest.mark.parametrize("method,term", [("ewc", "consolidation"), ("mas", "consolidation"), ("lwf", "distill"),
