@@ -47,8 +47,6 @@ class Method:
     forward: examples -> (logits, labels) of the model on them, labels -100 outside answers
     """
 
-    trains_every_task = True  # False: the matrix has only its last row (Joint)
-
     def __init__(self, cfg, model, stream, forward=None):
         self.cfg, self.model, self.stream, self.forward = cfg, model, stream, forward
 
@@ -113,8 +111,6 @@ class Joint(Method):
     Only the last row of the accuracy matrix exists, so AP is defined and BWT is not.
     """
 
-    trains_every_task = False
-
     def examples(self, t):
         if t < len(self.stream) - 1:
             return None
@@ -132,6 +128,12 @@ def adapter_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(answer tokens, vocab): the logits at the positions that predict an answer token."""
     return logits[:, :-1][labels[:, 1:] != -100]
+
+
+def _grads(scalar: torch.Tensor, params: dict) -> dict[str, torch.Tensor]:
+    """d scalar / d each parameter, zeros for parameters it does not depend on."""
+    grads = torch.autograd.grad(scalar, list(params.values()), allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
 
 
 def _all_reduce(tensors: list[torch.Tensor]) -> None:
@@ -205,8 +207,7 @@ class EWC(_Consolidation):
         logits, labels = self.forward([example])
         keep = labels[:, 1:] != -100
         loss = F.cross_entropy(answer_logits(logits, labels).float(), labels[:, 1:][keep])
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        return {n: torch.zeros_like(p) if g is None else g.square() for (n, p), g in zip(params.items(), grads)}
+        return {n: g.square() for n, g in _grads(loss, params).items()}
 
 
 class MAS(_Consolidation):
@@ -222,8 +223,7 @@ class MAS(_Consolidation):
     def per_example(self, params, example):
         logits, labels = self.forward([example])
         energy = answer_logits(logits, labels).float().square().sum()
-        grads = torch.autograd.grad(energy, list(params.values()), allow_unused=True)
-        return {n: torch.zeros_like(p) if g is None else g.abs() for (n, p), g in zip(params.items(), grads)}
+        return {n: g.abs() for n, g in _grads(energy, params).items()}
 
 
 def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -42,7 +42,7 @@ from tqdm import tqdm
 import data
 import evaluate
 import llava_wrap
-from baselines import METHODS
+from baselines import METHODS, answer_logits
 from pasmoe import PASsConfig, end_task, pas_layers, track_importance
 
 # The paper's LLaVA-1.5-7B recipe: E=6, r=128, alpha=256 and lr=2e-5 from
@@ -181,9 +181,8 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, n_label_tokens: int, w
     Times world size, because DDP averages gradients over ranks: the result equals one
     process on the whole global batch. Only the answer positions' logits are cast to fp32
     (all of them would be 2.4 GB at LLaVA-7B's batch 12 x 1536 x 32k)."""
-    keep = labels[:, 1:] != data.IGNORE
-    answer_logits = logits[:, :-1][keep].float()
-    return F.cross_entropy(answer_logits, labels[:, 1:][keep], reduction="sum") * world / n_label_tokens
+    targets = labels[:, 1:][labels[:, 1:] != data.IGNORE]
+    return F.cross_entropy(answer_logits(logits, labels).float(), targets, reduction="sum") * world / n_label_tokens
 
 
 def batches(examples: list, batch_size: int, seed: int, rank: int, world: int):
@@ -406,9 +405,10 @@ def run(cfg: RunConfig, resume: Path | None = None) -> Path:
         start = time.time()
         if is_main():
             llava_wrap.save_adapters(bundle.model, out / "ckpt" / f"task{t + 1}.safetensors", meta={"task": task.key, "index": t})
-            if method.state_dict():  # EWC, MAS: importance and anchors
+            method_state = method.state_dict()
+            if method_state:  # EWC, MAS: importance and anchors
                 tmp = out / "ckpt" / f".method{t + 1}.tmp"
-                save_file({k: v.contiguous() for k, v in method.state_dict().items()}, tmp)
+                save_file({k: v.contiguous() for k, v in method_state.items()}, tmp)
                 os.replace(tmp, out / "ckpt" / f"method{t + 1}.safetensors")  # atomic, like the adapters
             last = t == len(tasks) - 1
             evaluated = [] if examples is None else range(t + 1) if cfg.eval == "full" or last else [t]

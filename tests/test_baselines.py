@@ -42,7 +42,6 @@ def test_joint_trains_once_on_every_tasks_train_items():
     joint = Joint(cfg(), None, tasks)
     assert joint.examples(0) is None and joint.examples(1) is None
     assert sorted(joint.examples(2)) == sorted(x for t in tasks for x in t.train)
-    assert not joint.trains_every_task and Method.trains_every_task
 
 
 def test_every_method_has_layer_switches_the_layer_accepts():
