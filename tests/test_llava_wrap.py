@@ -61,8 +61,8 @@ def test_logits_equal_unwrapped_model_at_init(bundle, base):
     batch = collator(bundle).train(examples())
     batch.pop("labels")
     lw.add_adapters(bundle.model, PASsConfig(num_experts=3, rank=2, gate="softmax"), verbose=False)
-    with torch.no_grad():
-        assert torch.equal(bundle.model(**batch).logits, base.model(**batch).logits)
+    with torch.no_grad():  # B = 0 at init; two model instances: fp32 GEMM-level tolerance, not bitwise
+        assert torch.allclose(bundle.model(**batch).logits, base.model(**batch).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_a_training_step_lowers_the_loss(bundle):
@@ -134,8 +134,8 @@ def test_save_load_round_trip_and_mismatches(bundle, base, tmp_path):
     assert lw.load_adapters(fresh, path) == {"task": "art"}
     batch = collator(bundle).train(examples())
     batch.pop("labels")
-    with torch.no_grad():
-        assert torch.equal(fresh(**batch).logits, bundle.model(**batch).logits)
+    with torch.no_grad():  # two model instances: a tolerance, not bitwise (a lost adapter moves logits by far more)
+        assert torch.allclose(fresh(**batch).logits, bundle.model(**batch).logits, rtol=1e-5, atol=1e-5)
     for name, layer in pas_layers(fresh).items():
         other = pas_layers(bundle.model)[name]
         assert torch.equal(layer.importance_agg, other.importance_agg) and torch.equal(layer.anchor_A, other.anchor_A)
