@@ -271,7 +271,7 @@ def _sanity_item(task: str, rng: random.Random, pretrain: bool = False):
         what = rng.choice(core + ([] if pretrain else new))
         problem = (f"Statement: {who} {hedge} {what} {when}. Is this statement hawkish, dovish or neutral? "
                    "Options: A. hawkish B. dovish C. neutral. Give the option letter after 'answer:'.")
-        return (who, hedge, what, when), problem, f"To {what} is {stance}. answer: {letter}", None
+        return (who, hedge, what, when), problem, f"The stance is {stance}. answer: {letter}", None
     shape, color, place = rng.choice(shapes), rng.choice(colors), rng.choice(list(PLACES))
     if task == "art":
         image = draw([(shape, color, PLACES[place], 6)], seed=seed)
