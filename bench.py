@@ -96,7 +96,7 @@ def median_times(fns: dict, repeats: int, device) -> dict:
 def bench_shape(n, d, E, r, device, dtype, repeats):
     torch.manual_seed(0)
     base = nn.Linear(d, d, device=device, dtype=dtype)
-    pas = PASsMoELinear(base, PASsConfig(num_experts=E, rank=r))
+    pas = PASsMoELinear(base, PASsConfig(num_experts=E, rank=r, adapter_dtype=None))  # same dtype as the LoRA
     with torch.no_grad():
         pas.lora_B.normal_(std=0.01)
     layers = {"pas": pas, "lora": PlainLoRA(base, E * r), "loop": LoopMoELoRA(base, E, r)}

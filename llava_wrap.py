@@ -62,21 +62,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def add_adapters(model: nn.Module, cfg: PASsConfig, train_projector: bool = False, verbose: bool = True) -> list[str]:
-    """Freeze the model, put PASs layers on the language model's linear layers, report counts."""
-    model.requires_grad_(False)
+    """Put PASs layers on the language model's linear layers (inject freezes everything else;
+    the adapters keep cfg.adapter_dtype, fp32 by default, under a bf16 base), report counts."""
     names = inject(model, cfg, target=TARGET)
     n_layers = model.config.text_config.num_hidden_layers
     if len(names) != PER_DECODER_LAYER * n_layers:
         raise RuntimeError(f"wrapped {len(names)} linear layers, expected {PER_DECODER_LAYER} x {n_layers} "
                            f"decoder layers: is this a LLaVA-1.5 (Llama) language model?")
-    for layer in pas_layers(model).values():
-        # Adapters and their statistics in fp32 whatever the base's dtype (bf16 bases run
-        # under torch.autocast): bf16 would round away small updates and drifts.
-        for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
-            if not name.startswith("base.") and t.is_floating_point():
-                t.data = t.data.float()
-        for p in (layer.lora_A, layer.lora_B, *(layer.router.parameters() if layer.router else ())):
-            p.requires_grad_(True)
     if train_projector:
         model.get_submodule(PROJECTOR).requires_grad_(True)
     if verbose:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 from collections import namedtuple
 from dataclasses import dataclass
 
@@ -61,6 +62,8 @@ class PASsConfig:
     weight_clip: float = 10.0  # c in w = clip(I_agg / mean(I_agg), 0, c)
     reg: str = "pas"  # "pas" importance weights | "random" the same weights permuted | "uniform" w = 1 | "none"
     seed: int = 0  # seeds the permutation of reg="random" (one per layer)
+    adapter_dtype: str | None = "float32"  # adapters, router and anchors; None: the base's dtype
+
 
     def __post_init__(self):
         if self.gate not in GATES:
@@ -77,6 +80,8 @@ class PASsConfig:
             raise ValueError(f"PASsConfig.top_k={self.top_k}: must lie in 1..num_experts={self.num_experts}")
         if self.temperature <= 0 or self.weight_clip <= 0:
             raise ValueError("PASsConfig.temperature and weight_clip must be positive")
+        if self.adapter_dtype not in (None, "float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"PASsConfig.adapter_dtype={self.adapter_dtype!r}: a float dtype name or None")
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -137,36 +142,92 @@ class PASsMoELinear(nn.Module):
     """A frozen `nn.Linear` plus E LoRA experts mixed by the gate of `cfg.gate`.
 
     `index` only seeds this layer's permutation for reg="random" (`inject` numbers layers).
+
+    Dtypes. The adapters (lora_A, lora_B, the router) and their anchors are kept in
+    `cfg.adapter_dtype` (fp32 by default, also when the base is bf16: bf16 would round away
+    the small updates of a low learning rate and the small drifts of Eq. 11); the forward
+    computes in the input's dtype. The continual statistics (task sums, I_agg) are fp32
+    always. `model.to(torch.bfloat16)` after `inject` casts the base and leaves all of these
+    as they are; with adapter_dtype=None the adapters and anchors follow the base.
+
+    The layer reads like the Linear it wraps: `weight`, `bias`, `in_features` and
+    `out_features` are the base's (read-only).
     """
+
+    _STATS = ("task_importance_sum", "importance_agg")  # fp32 whatever .to(dtype) asks
 
     def __init__(self, base: nn.Linear, cfg: PASsConfig, index: int = 0):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"PASsMoELinear wraps an nn.Linear, got {type(base).__name__}")
-        self.cfg = cfg
+        self.cfg, self.index = cfg, index
         self.base = base.requires_grad_(False)
         E, r, d, o = cfg.num_experts, cfg.rank, base.in_features, base.out_features
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        dtype = getattr(torch, cfg.adapter_dtype) if cfg.adapter_dtype else base.weight.dtype
+        factory = dict(device=base.weight.device, dtype=dtype)
         self.scaling = cfg.alpha / r
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(E, r, d, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(E, o, r, **factory))
-        for A_e in self.lora_A.data:  # each expert initialised like one LoRA A (loralib, PEFT)
-            nn.init.kaiming_uniform_(A_e, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.empty(E, o, r, **factory))
         learned = cfg.gate in ("softmax", "topk")
         self.router = nn.Linear(d, E, bias=False, **factory) if learned else None
 
         # Continual state lives in buffers so that state_dict() carries all of it.
         stat = dict(device=base.weight.device, dtype=torch.float32)
-        self.register_buffer("task_importance_sum", torch.zeros(E, r, **stat))  # sum of pi_e z_ek^2
-        self.register_buffer("task_tokens", torch.zeros((), dtype=torch.long, device=stat["device"]))
-        self.register_buffer("importance_agg", torch.zeros(E, r, **stat))  # Eq. 10
-        self.register_buffer("anchor_A", self.lora_A.detach().clone())  # a* (rows of A)
-        self.register_buffer("anchor_B", self.lora_B.detach().clone())  # b* (columns of B)
-        if cfg.reg == "random":
-            g = torch.Generator().manual_seed(cfg.seed * 100_003 + index)
-            self.register_buffer("perm", torch.randperm(E * r, generator=g).to(stat["device"]))
+        self.register_buffer("task_importance_sum", torch.empty(E, r, **stat))  # sum of pi_e z_ek^2
+        self.register_buffer("task_tokens", torch.empty((), dtype=torch.long, device=stat["device"]))
+        self.register_buffer("importance_agg", torch.empty(E, r, **stat))  # Eq. 10
+        self.register_buffer("anchor_A", torch.empty_like(self.lora_A))  # a* (rows of A)
+        self.register_buffer("anchor_B", torch.empty_like(self.lora_B))  # b* (columns of B)
+        # reg="random": a fixed function of (seed, index), rebuilt by reset_parameters and not
+        # saved, so adapter state loads across reg modes.
+        self.register_buffer("perm", torch.empty(E * r, dtype=torch.long, device=stat["device"]), persistent=False)
         self._token_mask = None  # set by track_importance while it is active
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Each expert's A like one LoRA A (loralib, PEFT), B = 0 (so the layer starts equal
+        to its base), anchors = adapters, statistics zero. Also what to call after
+        building on the meta device and `to_empty()` (the base resets itself)."""
+        for A_e in self.lora_A:
+            nn.init.kaiming_uniform_(A_e, a=math.sqrt(5))
+        self.lora_B.zero_()
+        if self.router is not None:
+            self.router.reset_parameters()
+        self.anchor_A.copy_(self.lora_A)
+        self.anchor_B.copy_(self.lora_B)
+        self.task_importance_sum.zero_()
+        self.task_tokens.zero_()
+        self.importance_agg.zero_()
+        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.index)
+        self.perm.copy_(torch.randperm(self.perm.numel(), generator=g))
+
+    def _apply(self, fn, recurse=True):
+        # Module.to / .half / .cuda all end here. Tensors whose dtype is fixed (statistics
+        # always, adapters and anchors under cfg.adapter_dtype) move to fn's device but keep
+        # their dtype, converted from the original values (no round trip through bf16).
+        fixed = [getattr(self, n) for n in self._STATS]
+        if self.cfg.adapter_dtype:
+            fixed += [self.anchor_A, self.anchor_B, *self.adapter_parameters()]
+            fixed += [p.grad for p in self.adapter_parameters() if p.grad is not None]
+        fixed = {id(t) for t in fixed}
+
+        def keep_dtype(t):
+            out = fn(t)
+            return t.to(device=out.device) if id(t) in fixed and out.dtype != t.dtype else out
+
+        return super()._apply(keep_dtype, recurse)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """What trains: the experts' A and B, and the router of a learned gate."""
+        return [self.lora_A, self.lora_B, *(self.router.parameters() if self.router is not None else ())]
+
+    # the wrapped Linear's attributes, read-only: code that inspects a Linear keeps working
+    weight = property(lambda self: self.base.weight, doc="the frozen base weight (o, d)")
+    bias = property(lambda self: self.base.bias, doc="the frozen base bias (o,) or None")
+    in_features = property(lambda self: self.base.in_features)
+    out_features = property(lambda self: self.base.out_features)
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -181,7 +242,7 @@ class PASsMoELinear(nn.Module):
         if self.cfg.gate == "pas":  # energy s_e = ||z_e||^2 / r, in fp32 also under bf16
             logits = _Energy.apply(z)
         else:
-            logits = self.router(x).float()
+            logits = F.linear(x, self.router.weight.to(x.dtype)).float()
             if self.cfg.gate == "topk":  # keep the k largest logits, softmax over them only
                 top = logits.topk(self.cfg.top_k, dim=-1).indices
                 kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
@@ -189,8 +250,8 @@ class PASsMoELinear(nn.Module):
         return torch.softmax(logits / self.cfg.temperature, dim=-1)
 
     def _responses(self, h: torch.Tensor) -> torch.Tensor:
-        """z_e = A_e h for all experts in one GEMM: (..., d) -> (..., e, r)."""
-        A_cat = rearrange(self.lora_A, "e r d -> (e r) d")
+        """z_e = A_e h for all experts in one GEMM: (..., d) -> (..., e, r), in h's dtype."""
+        A_cat = rearrange(self.lora_A.to(h.dtype), "e r d -> (e r) d")
         return rearrange(F.linear(h, A_cat), "... (e r) -> ... e r", e=self.cfg.num_experts)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
@@ -256,23 +317,47 @@ def pas_layers(model: nn.Module) -> dict[str, PASsMoELinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, PASsMoELinear)}
 
 
-def inject(model: nn.Module, cfg: PASsConfig, target: str = r"(q|k|v|o|gate|up|down)_proj$") -> list[str]:
+def inject(model: nn.Module, cfg: PASsConfig, target: str = r"(q|k|v|o|gate|up|down)_proj$",
+           freeze_others: bool = True) -> list[str]:
     """Replace every nn.Linear whose full name matches `target` (re.search) by a PASs layer.
 
-    Returns the wrapped names. Freezes only the wrapped bases; freezing the rest of the
-    model is the caller's choice.
+    Returns the wrapped names. freeze_others=True (the default, as PEFT's get_peft_model and
+    loralib's mark_only_lora_as_trainable do) leaves only the adapters trainable: embeddings,
+    norms, heads and every other weight of the model are frozen. freeze_others=False freezes
+    only the wrapped bases; the rest keeps its requires_grad.
+
+    A Linear shared under several names (tied modules) is wrapped once and the one PASs
+    layer is put under every name, so the modules stay tied; a warning names them. A Linear
+    whose parent reads its weight instead of calling it (nn.MultiheadAttention.out_proj) is
+    refused: the adapters would never run.
     """
     if pas_layers(model):
         raise RuntimeError("this model already holds PASs layers; inject into a fresh model")
     pattern = re.compile(target)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(n)]
-    if not names:
+    by_module: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Linear) and pattern.search(name):
+            by_module.setdefault(id(module), []).append(name)
+    if not by_module:
         raise ValueError(f"no nn.Linear in the model matches target={target!r}")
-    for index, name in enumerate(names):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, PASsMoELinear(getattr(parent, child), cfg, index=index))
-    return names
+    for names in by_module.values():
+        parent_name = names[0].rpartition(".")[0]
+        if isinstance(model.get_submodule(parent_name), nn.MultiheadAttention):
+            raise ValueError(f"{names[0]}: nn.MultiheadAttention reads out_proj.weight directly and never "
+                             f"calls it, so adapters there would do nothing; narrow target={target!r}")
+        if len(names) > 1:
+            warnings.warn(f"one nn.Linear is shared under the names {names}: it gets one PASs layer, "
+                          f"shared the same way", stacklevel=2)
+    if freeze_others:
+        model.requires_grad_(False)
+    wrapped = []
+    for index, names in enumerate(by_module.values()):
+        layer = PASsMoELinear(model.get_submodule(names[0]), cfg, index=index)
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer)
+        wrapped += names
+    return wrapped
 
 
 @contextlib.contextmanager
@@ -280,16 +365,18 @@ def track_importance(model: nn.Module, token_mask: torch.Tensor | None = None):
     """While active, each PASs layer adds sum_tokens pi_e z_ek^2 and its token count.
 
     token_mask: (b, n) bool (the attention mask; padding = False), or None for all tokens.
-    Forwards replayed by gradient checkpointing inside backward are not counted.
+    Forwards replayed by gradient checkpointing inside backward are not counted. Nesting
+    works: an inner context's mask holds inside it, and the outer one's again after it.
     """
-    layers = pas_layers(model).values()
+    layers = list(pas_layers(model).values())
+    outer = [layer._token_mask for layer in layers]
     for layer in layers:
         layer._token_mask = True if token_mask is None else token_mask
     try:
         yield
     finally:
-        for layer in layers:
-            layer._token_mask = None
+        for layer, mask in zip(layers, outer):
+            layer._token_mask = mask
 
 
 @torch.no_grad()
@@ -311,6 +398,24 @@ def end_task(model: nn.Module) -> None:
         layer.task_tokens.zero_()
 
 
+class _WeightedDrift(torch.autograd.Function):
+    """sum_ek w_ek ||x_ek - x*_ek||^2, the norm taken over `dim` (a row of A, a column of B),
+    in fp32. Backward recomputes x - x* from x and x*, which live anyway, so the loss keeps
+    no adapter-sized tensor of its own between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, w, dim):
+        ctx.save_for_backward(x, anchor, w)
+        ctx.dim = dim
+        return (w * (_at_least_fp32(x) - _at_least_fp32(anchor)).square().sum(dim=dim)).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, anchor, w = ctx.saved_tensors
+        diff = _at_least_fp32(x) - _at_least_fp32(anchor)
+        return (diff * (2 * grad * w).unsqueeze(ctx.dim)).to(x.dtype), None, None, None
+
+
 StabLoss = namedtuple("StabLoss", "total a b")
 
 
@@ -319,18 +424,21 @@ def stabilization_loss(model: nn.Module) -> StabLoss:
 
     a = sum_ek w_ek ||A[e, k, :] - A*[e, k, :]||^2   (rows of A)
     b = sum_ek w_ek ||B[e, :, k] - B*[e, :, k]||^2   (columns of B)
+
+    Layers whose weights are all zero (every layer during the first task) are skipped.
     """
+    layers = [layer for layer in pas_layers(model).values() if layer.cfg.reg != "none"]
+    weights = [layer.stab_weights() for layer in layers]  # (e, r) each
+    active = torch.stack([w.any() for w in weights]).tolist() if weights else []  # one sync
     a = b = total = None
-    for layer in pas_layers(model).values():
-        if layer.cfg.reg == "none":
+    for layer, w, on in zip(layers, weights, active):
+        if not on:
             continue
-        w = layer.stab_weights()  # (e, r)
-        drift_a = (layer.lora_A.float() - layer.anchor_A.float()).pow(2).sum(dim=2)  # (e, r)
-        drift_b = (layer.lora_B.float() - layer.anchor_B.float()).pow(2).sum(dim=1)  # (e, r)
-        la, lb = (w * drift_a).sum(), (w * drift_b).sum()
+        la = _WeightedDrift.apply(layer.lora_A, layer.anchor_A, w, 2)  # A: (e, r, d), rows
+        lb = _WeightedDrift.apply(layer.lora_B, layer.anchor_B, w, 1)  # B: (e, o, r), columns
         part = layer.cfg.lambda_a * la + layer.cfg.lambda_b * lb
         a, b, total = (la, lb, part) if a is None else (a + la, b + lb, total + part)
     if a is None:
-        zero = torch.zeros(())
+        zero = torch.zeros((), device=layers[0].lora_A.device if layers else None)
         return StabLoss(zero, zero, zero)
     return StabLoss(total, a, b)
