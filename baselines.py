@@ -23,7 +23,7 @@ calls at four points; the default hooks are plain sequential fine-tuning:
 METHODS maps each command-line name to its layer switches (pasmoe.PASsConfig) and its class.
 This file imports pasmoe only; nothing here knows about LLaVA or files on disk. A method that
 needs forward passes of its own (EWC, MAS, LwF) gets them from the loop's `forward`.
-Hyperparameter defaults and where they come from: README, "Methods".
+Hyperparameter defaults and where they come from: DESIGN.md, section 7.
 """
 
 from __future__ import annotations

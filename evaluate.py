@@ -11,7 +11,7 @@
     python evaluate.py --study DIR                 the study's tables and figures (results.md)
 
 R[i][j] is the score on task j after training task i (rows and columns 0-based); null
-cells are tasks not evaluated at that point. Metrics as the paper defines them (README, "The paper's numbers"):
+cells are tasks not evaluated at that point. Metrics as the paper defines them (DESIGN.md, "Metrics"):
     Acc_t = R[T-1][t]    Forget_t = R[T-1][t] - R[t][t]    AP = mean_t Acc_t
     BWT (paper) = sum_{t<T-1} Forget_t / T    BWT (standard) = same sum / (T-1)
 This file stands alone (no import of the other project files).
@@ -92,7 +92,7 @@ def score(metric: str, prediction: str, reference: str) -> float:
 
     Both are full answers (reasoning, then "answer: ..."); the final answers are compared.
     A prediction without "answer:", or with nothing after it, is wrong; a reference without
-    "answer:" is all final answer. The rules of each metric (README, "Scoring"):
+    "answer:" is all final answer. The rules of each metric (DESIGN.md, "Scorers"):
         exact        VQA-normalized strings are equal (numglue, OCR)
         first_token  the prediction's first word, lowercased, equals the whole lowercased
                      reference (math, science); no normalization, as in the benchmark
@@ -143,7 +143,7 @@ def cl_metrics(R: list[list[float | None]]) -> dict:
     else:
         forget = [final[t] - R[t][t] for t in range(T - 1)] + [None]
         total = sum(forget[:-1])
-        bwt = total / T  # the paper's convention (README, "The paper's numbers")
+        bwt = total / T  # the paper's convention (DESIGN.md, "Metrics")
         bwt_standard = total / (T - 1) if T > 1 else None  # Lopez-Paz & Ranzato
     return {"ap": sum(final) / T, "bwt": bwt, "bwt_standard": bwt_standard, "final": list(final), "forget": forget}
 
@@ -424,7 +424,7 @@ def learnability(runs: list[dict], bar: float = 70.0) -> str:
 # ---- calibration: does the stream separate methods whose behaviour is known? ----
 
 REFERENCES = ("seqlora", "replay", "joint")
-CALIBRATION = {  # fixed before any method under test was looked at (README, "Calibrating the sanity stream")
+CALIBRATION = {  # fixed before any method under test was looked at (DESIGN.md, "The sanity stream")
     "learned": 70.0,  # every task scores at least this right after its own training (joint: at the end)
     "joint_ap": 80.0,  # the upper bound is high
     "seqlora_bwt": (-45.0, -10.0),  # sequential fine-tuning forgets clearly, not totally (paper BWT)
@@ -469,6 +469,36 @@ def calibration(runs: list[dict]) -> str:
         cells = [("yes" if ok else "**NO**") + f" ({why})" for ok, why in verdicts]
         checks.append(f"| {order} | " + " | ".join(cells) + f" | {'yes' if all(ok for ok, _ in verdicts) else '**NO**'} |")
     return "\n".join(rows) + "\n\n" + "\n".join(checks) + "\n"
+
+
+# The paper's AP and BWT (LLaVA-1.5-7B on MLLM-CTBench, order A), by our method names: Table 1,
+# except pas-rw (Table 2) and pasmoe-random (Table 7). Printed beside ours, never mixed with them.
+PAPER_AP_BWT = {
+    "seqlora": ("SeqLoRA", 28.24, -22.09), "replay": ("Replay", 42.05, -8.29), "ewc": ("EWC", 30.19, -20.20),
+    "lwf": ("LwF", 30.20, -19.96), "mas": ("MAS", 30.34, -19.36), "olora": ("O-LoRA", 32.52, -19.46),
+    "moelora-topk": ("MoELoRA (Top-k)", 32.38, -15.34), "moelora": ("MoELoRA (Softmax)", 43.36, -6.64),
+    "pas-rw": ("+ PASs-RW (Table 2)", 46.31, -4.24), "pasmoe-random": ("random reg. (Table 7)", 45.12, -4.90),
+    "pasmoe": ("Ours", 48.46, -2.15),
+}
+PAPER_NOT_IMPLEMENTED = {"L2P": (31.65, -14.97), "HiDe-LLaVA": (24.63, -16.16), "DDAS": (37.49, -4.06)}
+
+
+def paper_comparison(runs: list[dict]) -> str:
+    """Our AP and BWT (paper convention; mean [min, max] over seeds) beside the paper's, one
+    row per method. Different model and data: compare orderings, not values."""
+    rows = ["| method | seeds | our AP | our BWT | paper's row | paper AP | paper BWT |", "|---|---|---|---|---|---|---|"]
+    by = {}
+    for r in runs:
+        by.setdefault(r["method"], []).append(r)
+    for method in sorted(by, key=lambda m: statistics.mean(r["metrics"]["ap"] for r in by[m])):
+        rs = by[method]
+        bwt = [r["metrics"]["bwt"] for r in rs if r["metrics"]["bwt"] is not None]
+        name, ap, pb = PAPER_AP_BWT.get(method, ("not in the paper", None, None))
+        paper = f"{ap:.2f} | {pb:.2f}" if ap is not None else "- | -"
+        rows.append(f"| {method} | {len(rs)} | {_span([r['metrics']['ap'] for r in rs])} | {_span(bwt) if bwt else '-'} | {name} | {paper} |")
+    for name, (ap, pb) in PAPER_NOT_IMPLEMENTED.items():
+        rows.append(f"| ({name}: not implemented) | | | | {name} | {ap:.2f} | {pb:.2f} |")
+    return "\n".join(rows) + "\n"
 
 
 def lambda_sweep(runs: list[dict]) -> tuple[str, dict]:
@@ -544,6 +574,8 @@ def study_report(study_dir: str | Path) -> str:
         parts += ["### Calibration: reference methods, AP and BWT as mean [min, max] over seeds\n", calibration(refs)]
     if main_runs:
         parts += ["### Ablation (order A; paper Tables 2 and 7)\n", report(main_runs)]
+        parts += ["### Beside the paper's numbers (theirs: LLaVA-1.5-7B on MLLM-CTBench; ours: the sanity "
+                  "stream; sorted by our AP)\n", paper_comparison(main_runs)]
         parts += ["### Learnability: score right after training each task, all ablation runs\n", learnability(main_runs)]
     order_b = _select(runs, order="B", num_experts=6, lambda_a=DEFAULT_LAMBDA_A)
     if order_b:

@@ -21,6 +21,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import random
 import tempfile
 import time
@@ -216,11 +217,16 @@ def pretrained_tiny(cache_dir: str | Path = "cache", cfg: TinyConfig = TinyConfi
     bundle.info = _pretrain(bundle, cfg) | {"seconds": round(time.time() - start, 1)}
     print(f"tiny base: held-out exact match {bundle.info['held_out_exact_match']:.1f}% "
           f"(per kind {bundle.info['per_kind']}) after {cfg.pretrain_steps} steps ({bundle.info['seconds']} s)")
-    tmp = Path(tempfile.mkdtemp(dir=path.parent if path.parent.exists() else None, prefix=".tmp-"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))  # beside the target: same filesystem
     bundle.model.save_pretrained(tmp)
     (tmp / "pretrain.json").write_text(json.dumps(bundle.info, indent=1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, path)  # atomic: a half-written cache never looks complete
+    try:
+        os.replace(tmp, path)  # atomic: a half-written cache never looks complete
+    except OSError:
+        if not (path / "model.safetensors").exists():
+            raise
+        shutil.rmtree(tmp)  # another process finished the same build first; its copy is equal
     return bundle
 
 
@@ -278,11 +284,15 @@ def plan(cfg: PASsConfig) -> dict:
     add_adapters(model, cfg, verbose=False)
     trainable, total = count_parameters(model)
     frozen = total - trainable
+    # Eq. 11 keeps nothing for backward (pasmoe._WeightedDrift recomputes the drift); its only
+    # memory is a transient fp32 difference and its square for one A or B at a time.
+    largest = max(t.numel() for layer in pas_layers(model).values() for t in (layer.lora_A, layer.lora_B))
     gib = 2**30
     return {"trainable": trainable, "frozen": frozen,
             "GiB": {"frozen weights (bf16)": 2 * frozen / gib, "adapters (fp32)": 4 * trainable / gib,
                     "gradients (fp32)": 4 * trainable / gib, "AdamW moments (fp32)": 8 * trainable / gib,
-                    "anchors (fp32)": 4 * trainable / gib}}
+                    "anchors (fp32)": 4 * trainable / gib,
+                    "Eq. 11 transient (fp32, one tensor at a time)": 2 * 4 * largest / gib}}
 
 
 # ---- generation ----
@@ -397,5 +407,5 @@ if __name__ == "__main__":
     found = plan(PASsConfig(num_experts=args.num_experts, rank=args.rank, gate="pas" if args.num_experts > 1 else "single"))
     print(f"E={args.num_experts}, r={args.rank} per expert: {found['trainable']:,} trainable, {found['frozen']:,} frozen parameters")
     for what, size in found["GiB"].items():
-        print(f"  {what:<22} {size:6.1f} GiB")
-    print(f"  {'total before activations':<22} {sum(found['GiB'].values()):6.1f} GiB")
+        print(f"  {what:<46} {size:6.1f} GiB")
+    print(f"  {'total before activations':<46} {sum(found['GiB'].values()):6.1f} GiB")

@@ -72,7 +72,7 @@ class RunConfig:
     lambda_b: float = 5e-5  # paper section 5.1 (section 5.3.2 prefers 2.5e-4)
     weight_clip: float = 10.0
     replay_fraction: float = 0.1  # replay: share of each finished task's training items kept in the buffer
-    ewc_lambda: float = 3e7  # ewc: lambda of (lambda/2) sum F (theta - theta*)^2 (README, "Methods": how it was set)
+    ewc_lambda: float = 3e7  # ewc: lambda of (lambda/2) sum F (theta - theta*)^2 (DESIGN.md, section 7: how it was set)
     ewc_gamma: float = 1.0  # ewc, mas: F <- gamma F + F_t (1: sum over tasks; < 1: online EWC)
     mas_lambda: float = 1.0  # mas: lambda (Aljundi et al. 2018)
     lwf_lambda: float = 1.0  # lwf: weight of the distillation term (Li and Hoiem 2016)
@@ -93,6 +93,7 @@ class RunConfig:
     eval_batch_size: int = 48
     max_new_tokens: int = 32
     probe_size: int = 8  # test items per task whose gates are kept for the router-drift analysis
+    importance_tokens: str = "all"  # Eq. 9's tokens: "all" attended (image, prompt, answer), "text" (no image tokens), "answer"
     dtype: str = "float32"  # "float32" or "bfloat16" (base weights; adapters stay fp32 under autocast)
     gradient_checkpointing: bool = False
     device: str | None = None  # default: cuda if available, else cpu
@@ -142,7 +143,12 @@ def load_tasks(cfg: RunConfig) -> list[data.Task]:
 def load_model(cfg: RunConfig, device: torch.device) -> llava_wrap.LlavaBundle:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     if cfg.model == "tiny":
+        ranks = dist.is_available() and dist.is_initialized()
+        if ranks and not is_main():
+            dist.barrier()  # under torchrun only rank 0 builds an uncached base; the others then load it
         bundle = llava_wrap.pretrained_tiny(cfg.cache_dir, llava_wrap.TinyConfig(pretrain_steps=cfg.tiny_pretrain_steps))
+        if ranks and is_main():
+            dist.barrier()
         bundle.model.to(device=device, dtype=dtype)
     else:
         bundle = llava_wrap.load_llava(cfg.model, dtype=dtype, device=device)
@@ -266,17 +272,31 @@ def train_task(cfg, t, task, examples, method, bundle, model, collate, device, l
     bar.close()
 
 
+def importance_mask(which: str, batch: dict, labels: torch.Tensor, image_id: int) -> torch.Tensor:
+    """The tokens Eq. 9 averages over. "all": every attended token (the paper's "tokens of
+    task t": image, prompt and answer; padding never counts); "text": no image tokens;
+    "answer": the answer tokens (those with a label)."""
+    mask = batch["attention_mask"].bool()
+    if which == "text":
+        mask = mask & (batch["input_ids"] != image_id)
+    elif which == "answer":
+        mask = mask & (labels != data.IGNORE)
+    return mask
+
+
 @torch.no_grad()
 def importance_pass(cfg, task, bundle, collate, device, rank, world) -> None:
-    """Eq. 9 with the parameters that end the task: every non-padding token of the task's
-    training data counts once (this rank's share; end_task all-reduces the sums)."""
+    """Eq. 9 with the parameters that end the task: every counted token (cfg.importance_tokens)
+    of the task's training data counts once (this rank's share; end_task all-reduces the sums)."""
     model = bundle.model.eval()
     for i in range(0, len(task.train), cfg.eval_batch_size):
         examples = task.train[i:i + cfg.eval_batch_size][rank::world]
         if not examples:
             continue
-        batch = model_inputs(collate, examples, device, bundle.model.dtype)
-        with autocast(cfg, device), track_importance(model, token_mask=batch["attention_mask"].bool()):
+        batch = to_device(collate.train(examples), device, bundle.model.dtype)
+        labels = batch.pop("labels")
+        mask = importance_mask(cfg.importance_tokens, batch, labels, bundle.model.config.image_token_index)
+        with autocast(cfg, device), track_importance(model, token_mask=mask):
             model(**batch)
 
 
@@ -517,7 +537,8 @@ def parse_args(argv=None) -> tuple[RunConfig, Path | None, tuple | None]:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             choices = {"method": list(METHODS), "stream": ["sanity", "ctbench"], "eval": ["full", "diag-last"],
-                       "dtype": ["float32", "bfloat16"], "recipe": ["paper"]}.get(f.name)
+                       "dtype": ["float32", "bfloat16"], "recipe": ["paper"],
+                       "importance_tokens": ["all", "text", "answer"]}.get(f.name)
             parser.add_argument(flag, type=kind, default=None, choices=choices, help=f"{help_text} (default: {f.default})")
     args = vars(parser.parse_args(argv))
     resume, study_dir, parts = args.pop("resume"), args.pop("study"), args.pop("parts")

@@ -249,3 +249,16 @@ def test_lambda_sweep_puts_pas_rw_at_factor_zero(tmp_path):
     assert curves["pasmoe"] == [(0.0, -40.0, 50.0, 90.0), (10.0, -5.0, 65.0, 70.0)]
     assert curves["l2"] == [(0.0, -40.0, 50.0, 90.0), (1.0, -20.0, 65.0, 85.0)]
     assert "| pasmoe | 10 | 1 | 65.00 | -5.00 | 70.00 |" in table
+
+
+def test_paper_comparison_puts_ours_and_the_papers_side_by_side(tmp_path):
+    # planted bugs: the paper's numbers printed as ours, a BWT invented for joint, rows unsorted
+    from evaluate import paper_comparison
+
+    runs = [load_run(write_run(tmp_path / "s0", "seqlora", 0, [[80.0, None], [20.0, 90.0]])),  # AP 55, BWT -30
+            load_run(write_run(tmp_path / "s1", "seqlora", 1, [[80.0, None], [40.0, 90.0]])),  # AP 65, BWT -20
+            load_run(write_run(tmp_path / "j", "joint", 0, [[None, None], [90.0, 90.0]]))]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in paper_comparison(runs).splitlines()[2:]]
+    assert rows[0] == ["seqlora", "2", "60.0 [55.0, 65.0]", "-25.0 [-30.0, -20.0]", "SeqLoRA", "28.24", "-22.09"]
+    assert rows[1] == ["joint", "1", "90.0 [90.0, 90.0]", "-", "not in the paper", "-", "-"]
+    assert [r[4] for r in rows[2:]] == ["L2P", "HiDe-LLaVA", "DDAS"]

@@ -401,3 +401,45 @@ def test_saved_activations_match_a_lora_of_the_same_total_rank(dtype):
     size = torch.finfo(dtype).bits // 8
     assert lora == n * E * r * size  # z
     assert pas == n * E * r * size + n * E * 4  # z, and pi in fp32
+
+
+def test_stabilization_drift_backward_passes_gradcheck():
+    # planted bug: the hand-written backward of Eq. 11 without the factor 2, or w on the wrong axis
+    from pasmoe import _WeightedDrift
+
+    w = torch.rand(3, 4, dtype=torch.float64)
+    A, A0 = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True), torch.randn(3, 4, 5, dtype=torch.float64)
+    B, B0 = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True), torch.randn(3, 6, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: _WeightedDrift.apply(a, A0, w, 2), (A,))
+    assert torch.autograd.gradcheck(lambda b: _WeightedDrift.apply(b, B0, w, 1), (B,))
+    by_loop = sum(w[e, k] * ((A[e, k, :] - A0[e, k, :]) ** 2).sum() for e in range(3) for k in range(4))
+    assert torch.allclose(_WeightedDrift.apply(A, A0, w, 2), by_loop)
+
+
+def test_dropout_acts_on_the_adapter_input_only():
+    # planted bugs: dropout also on the base's input, or never applied in training
+    layer = make_layer("pas", dropout=0.5, adapter_dtype=None).double()
+    x = torch.randn(6, D_IN, dtype=torch.float64)
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)
+    xd = torch.nn.functional.dropout(x, 0.5, training=True)  # the same mask
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    ref, _ = reference(layer, xd, A, B, layer.base.weight.double(), layer.base.bias.double(), None)
+    base_shift = (layer.base(x) - layer.base(xd)).detach()  # the base sees the undropped x
+    assert torch.allclose(y, ref + base_shift, rtol=1e-10, atol=1e-10)
+    layer.eval()
+    ref_eval, _ = reference(layer, x, A, B, layer.base.weight.double(), layer.base.bias.double(), None)
+    assert torch.allclose(layer(x), ref_eval, rtol=1e-10, atol=1e-10)
+
+
+def test_random_permutation_depends_on_seed_and_layer_index():
+    # planted bug: one permutation for every layer (then "random" targets the same slots everywhere)
+    def perm(seed, index):
+        return PASsMoELinear(nn.Linear(4, 4), PASsConfig(num_experts=3, rank=4, reg="random", seed=seed), index).perm
+
+    assert torch.equal(perm(0, 0), perm(0, 0))
+    assert not torch.equal(perm(0, 0), perm(1, 0)) and not torch.equal(perm(0, 0), perm(0, 1))
+    model = nn.ModuleDict({"q_proj": nn.Linear(4, 4), "k_proj": nn.Linear(4, 4)})
+    inject(model, PASsConfig(num_experts=3, rank=4, reg="random"))
+    assert not torch.equal(model["q_proj"].perm, model["k_proj"].perm)
