@@ -156,9 +156,26 @@ def test_generation_is_batched_with_left_padding(bundle):
     col = collator(bundle)
     exs = examples(2, "art") + examples(2, "fomc")  # different prompt lengths, with and without images
     together = lw.generate(bundle, col.prompts(exs), max_new_tokens=6)
-    one_by_one = [lw.generate(bundle, col.prompts([ex]), max_new_tokens=6)[0] for ex in exs]
-    assert together == one_by_one
     assert all("<image>" not in p for p in together)
+    differ = 0
+    for ex, got in zip(exs, together):
+        alone = lw.generate(bundle, col.prompts([ex]), max_new_tokens=6)[0]
+        if got != alone:
+            # Batched and single prompts take different GEMM paths, so logits differ by float
+            # noise; on a random model that may flip a greedy choice at a near-tie, never at a
+            # clear winner. Planted bugs (right padding, no attention mask) change clear winners.
+            differ += 1
+            assert smallest_top2_margin(bundle, col.prompts([ex]), 6) < 1e-4, (got, alone)
+    assert differ <= 1
+
+
+def smallest_top2_margin(bundle, batch, steps):
+    model = bundle.model.eval()
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=steps, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, suppress_tokens=[model.config.image_token_index],
+                             pad_token_id=bundle.tokenizer.pad_token_id, eos_token_id=bundle.tokenizer.eos_token_id)
+    return min((s.topk(2).values[0, 0] - s.topk(2).values[0, 1]).item() for s in out.scores)
 
 
 def test_bf16_base_with_fp32_adapters_under_autocast(bundle):
