@@ -294,3 +294,45 @@ def test_importance_tokens_option_counts_what_it_says(cache, which):
     assert 0 < expected.sum() < attended.sum()
     from pasmoe import pas_layers
     assert {layer.task_tokens.item() for layer in pas_layers(bundle.model).values()} == {expected.sum().item()}
+
+
+def test_data_parallel_does_not_broadcast_buffers(monkeypatch):
+    # planted bug: broadcast_buffers=True re-sends the adapter-sized anchors every step
+    import torch.distributed as dist
+
+    from pasmoe import PASsConfig, inject
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        inject(model, PASsConfig(num_experts=2, rank=2), target=r"^0$")
+        assert ts.data_parallel(model, torch.device("cpu")).broadcast_buffers is False
+    finally:
+        dist.destroy_process_group()
+
+
+def test_task_loss_casts_only_the_answer_logits_to_fp32():
+    # planted bug: logits.float() before slicing (2.4 GB at the 7B recipe's batch). Every fp32
+    # tensor any op produces is recorded, saved for backward or not.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    b, n, V = 2, 40, 50
+    logits = torch.randn(b, n, V, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.full((b, n), data.IGNORE)
+    labels[:, -3:] = 7  # three answer tokens per sequence
+    fp32 = []
+
+    class RecordFp32(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            fp32.extend(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out])
+                        if isinstance(t, torch.Tensor) and t.dtype == torch.float32)
+            return out
+
+    with RecordFp32():
+        loss = ts.task_loss(logits, labels, 6, 1)
+    assert max(fp32) <= 6 * V < b * n * V
+    ref = torch.nn.functional.cross_entropy(logits.float()[:, -4:-1].reshape(-1, V), labels[:, -3:].reshape(-1), reduction="sum") / 6
+    assert torch.allclose(loss, ref)
