@@ -291,18 +291,20 @@ def importance_stats(run_dir: Path, T: int) -> dict:
             "maps": {k: v.tolist() for k, v in agg.items()}}
 
 
-def update_vs_importance(run_dir: Path, T: int) -> dict | None:
-    """||a_ek(t) - a_ek(t-1)|| against I_agg(t-1) (normalized per layer), pooled over layers and
+def update_vs_importance(run_dir: Path, T: int, factor: str = "lora_A") -> dict | None:
+    """||a_ek(t) - a_ek(t-1)|| (factor "lora_A": rows of A) or ||b_ek(t) - b_ek(t-1)||
+    ("lora_B": columns of B) against I_agg(t-1) (normalized per layer), pooled over layers and
     tasks 2..T, in importance deciles: does the method protect what old tasks used?"""
     import torch
 
+    norm_dim = {"lora_A": 2, "lora_B": 1}[factor]  # A: (e, r, d) -> rows; B: (e, o, r) -> columns
     updates, importances = [], []
     for t in range(2, T + 1):
-        prev, cur = _adapter_tensors(run_dir, t - 1, "lora_A"), _adapter_tensors(run_dir, t, "lora_A")
+        prev, cur = _adapter_tensors(run_dir, t - 1, factor), _adapter_tensors(run_dir, t, factor)
         agg = _adapter_tensors(run_dir, t - 1, "importance_agg")
         for name in cur:
             if agg[name].any():  # joint trains only at the end: no importance before it
-                updates.append((cur[name] - prev[name]).norm(dim=-1).flatten())
+                updates.append((cur[name] - prev[name]).norm(dim=norm_dim).flatten())
                 importances.append((agg[name] / agg[name].mean()).flatten())
     if not updates:
         return None
@@ -325,6 +327,7 @@ def analyses(run: dict) -> dict:
         updates = update_vs_importance(run_dir, len(tasks)) if len(tasks) > 1 else None
         if updates is not None:
             out["updates"] = updates
+            out["updates_B"] = update_vs_importance(run_dir, len(tasks), "lora_B")
     return out
 
 
@@ -601,15 +604,16 @@ def study_report(study_dir: str | Path) -> str:
         ref = mech.get("moelora")
         ref_train = statistics.mean(m["train_s"] for m in ref) if ref else None
         ref_eval = statistics.mean(m["eval_s"] for m in ref) if ref else None
-        lines = ["| method | router drift (JS bits) | top-10% importance share | update top/bottom decile "
-                 "| train time / moelora | eval time / moelora |", "|---|---|---|---|---|---|"]
+        lines = ["| method | router drift (JS bits) | top-10% importance share | A-row update top/bottom decile "
+                 "| B-column update top/bottom | train time / moelora | eval time / moelora |", "|---|---|---|---|---|---|---|"]
         for method, found in mech.items():
             drift = [f["router_drift"]["mean"] for f in found if "router_drift" in f]
             share = [100 * f["importance"]["top10_share"] for f in found if "importance" in f]
             ratio = [f["updates"]["top_over_bottom"] for f in found if "updates" in f]
+            ratio_b = [f["updates_B"]["top_over_bottom"] for f in found if "updates_B" in f]
             t_train = [f["train_s"] / ref_train for f in found] if ref_train else []
             t_eval = [f["eval_s"] / ref_eval for f in found] if ref_eval else []
-            lines.append(f"| {method} | {_pm(drift, 4)} | {_pm(share, 1)}% | {_pm(ratio)} | {_pm(t_train)} | {_pm(t_eval)} |")
+            lines.append(f"| {method} | {_pm(drift, 4)} | {_pm(share, 1)}% | {_pm(ratio)} | {_pm(ratio_b)} | {_pm(t_train)} | {_pm(t_eval)} |")
         parts += ["### Mechanisms (order A; paper Fig. 3, 6, 8 and Table 3's times)\n", "\n".join(lines) + "\n"]
         try:
             _study_figures(study_dir, mech)
@@ -692,6 +696,10 @@ def analyses_text(found: dict) -> str:
         d = found["updates"]["update_by_importance_decile"]
         lines.append(f"A-row update size, least vs most important decile: {d[0]:.4f} vs {d[-1]:.4f} "
                      f"(ratio {found['updates']['top_over_bottom']:.2f})")
+    if "updates_B" in found:
+        d = found["updates_B"]["update_by_importance_decile"]
+        lines.append(f"B-column update size, least vs most important decile: {d[0]:.4f} vs {d[-1]:.4f} "
+                     f"(ratio {found['updates_B']['top_over_bottom']:.2f})")
     return "\n".join(lines) + "\n"
 
 
