@@ -64,7 +64,6 @@ class PASsConfig:
     seed: int = 0  # seeds the permutation of reg="random" (one per layer)
     adapter_dtype: str | None = "float32"  # adapters, router and anchors; None: the base's dtype
 
-
     def __post_init__(self):
         if self.gate not in GATES:
             raise ValueError(f"PASsConfig.gate={self.gate!r}: choose one of {GATES}")
