@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import inspect
 import json
 import math
 import os
@@ -161,9 +162,11 @@ def load_model(cfg: RunConfig, device: torch.device) -> llava_wrap.LlavaBundle:
 
 def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DDP without a buffer broadcast each step: the continual state (anchors, importance) is
-    the same on every rank after end_task, and at E=6, r=128 the anchors alone are about 7 GiB."""
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                     broadcast_buffers=False)
+    the same on every rank after end_task, and at E=6, r=128 the anchors alone are about 7 GiB.
+    (torch >= 2.13 names the switch forward_sync_buffers; older releases broadcast_buffers.)"""
+    DDP = torch.nn.parallel.DistributedDataParallel
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
 
 
 def is_main() -> bool:

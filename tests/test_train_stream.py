@@ -308,7 +308,8 @@ def test_data_parallel_does_not_broadcast_buffers(monkeypatch):
     try:
         model = torch.nn.Sequential(torch.nn.Linear(4, 4))
         inject(model, PASsConfig(num_experts=2, rank=2), target=r"^0$")
-        assert ts.data_parallel(model, torch.device("cpu")).broadcast_buffers is False
+        ddp = ts.data_parallel(model, torch.device("cpu"))
+        assert ddp.broadcast_buffers is False and getattr(ddp, "forward_sync_buffers", False) is False
     finally:
         dist.destroy_process_group()
 
