@@ -23,6 +23,7 @@ import argparse
 import json
 import re
 import statistics
+from functools import lru_cache
 from pathlib import Path
 
 # ---- answer extraction and scorers ----
@@ -272,10 +273,18 @@ def router_drift(run_dir: Path, tasks: list[str]) -> dict | None:
     return out
 
 
-def _adapter_tensors(run_dir: Path, t: int, suffix: str) -> dict:
+@lru_cache(maxsize=16)
+def _checkpoint(path: str, mtime_ns: int) -> dict:
+    """One task checkpoint, read once however many analyses ask for it (they only read; the
+    file's mtime is part of the key, so a rewritten checkpoint is read again)."""
     from safetensors.torch import load_file
 
-    state = load_file(str(Path(run_dir) / "ckpt" / f"task{t}.safetensors"))
+    return load_file(path)
+
+
+def _adapter_tensors(run_dir: Path, t: int, suffix: str) -> dict:
+    path = Path(run_dir).resolve() / "ckpt" / f"task{t}.safetensors"
+    state = _checkpoint(str(path), path.stat().st_mtime_ns)
     return {k[: -len(suffix) - 1]: v for k, v in state.items() if k.endswith("." + suffix)}
 
 

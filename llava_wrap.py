@@ -21,8 +21,8 @@ import inspect
 import json
 import math
 import os
-import shutil
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
