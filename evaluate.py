@@ -28,7 +28,7 @@ from pathlib import Path
 
 # ---- answer extraction and scorers ----
 
-TASK_METRICS = {  # MLLM-CTBench task key -> scorer (the benchmark's)
+TASK_METRICS = {  # MLLM-CTBench task key -> scorer (its llava_cl/eval_tool scorers)
     "numglue": "exact",
     "art": "rouge_l",
     "math": "first_token",
@@ -38,22 +38,58 @@ TASK_METRICS = {  # MLLM-CTBench task key -> scorer (the benchmark's)
     "science": "first_token",
 }
 
-_ANSWER = re.compile(r"answer:", re.IGNORECASE)
-
 # VQA-style normalization, rule by rule as MLLM-CTBench's scorers apply it (they inherit it
-# from the VQA evaluation code). Its contraction table ("dont" -> "don't", ...) is left out:
-# none of the exact-match tasks (sums, codes) has contractions.
+# from the VQA evaluation code): punctuation, lowercase, number words, articles, contractions.
 _VQA_PUNCT = ';/[]"{}()=+\\_-><@`,?!'
 _DIGIT_COMMA = re.compile(r"(\d),(\d)")
 _PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit: "3." -> "3", "3.5" stays
 _ARTICLES = {"a", "an", "the"}
 _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())} | {"none": "0"}
+# The VQA table of contractions written without their apostrophe, as the benchmark applies it:
+# after lowercasing, so only its lowercase entries can match (its "Im", "Ive", "Id've" never do).
+_CONTRACTIONS = dict(pair.split(">") for pair in """
+aint>ain't arent>aren't cant>can't couldve>could've couldnt>couldn't couldn'tve>couldn't've
+couldnt've>couldn't've didnt>didn't doesnt>doesn't dont>don't hadnt>hadn't hadnt've>hadn't've
+hadn'tve>hadn't've hasnt>hasn't havent>haven't hed>he'd hed've>he'd've he'dve>he'd've hes>he's
+howd>how'd howll>how'll hows>how's isnt>isn't itd>it'd itd've>it'd've it'dve>it'd've itll>it'll
+maam>ma'am mightnt>mightn't mightnt've>mightn't've mightn'tve>mightn't've mightve>might've
+mustnt>mustn't mustve>must've neednt>needn't notve>not've oclock>o'clock oughtnt>oughtn't
+ow's'at>'ow's'at 'ows'at>'ow's'at 'ow'sat>'ow's'at shant>shan't shed've>she'd've she'dve>she'd've
+shouldve>should've shouldnt>shouldn't shouldnt've>shouldn't've shouldn'tve>shouldn't've
+somebody'd>somebodyd somebodyd've>somebody'd've somebody'dve>somebody'd've somebodyll>somebody'll
+somebodys>somebody's someoned>someone'd someoned've>someone'd've someone'dve>someone'd've
+someonell>someone'll someones>someone's somethingd>something'd somethingd've>something'd've
+something'dve>something'd've somethingll>something'll thats>that's thered>there'd
+thered've>there'd've there'dve>there'd've therere>there're theres>there's theyd>they'd
+theyd've>they'd've they'dve>they'd've theyll>they'll theyre>they're theyve>they've twas>'twas
+wasnt>wasn't wed've>we'd've we'dve>we'd've weve>we've werent>weren't whatll>what'll whatre>what're
+whats>what's whatve>what've whens>when's whered>where'd wheres>where's whereve>where've whod>who'd
+whod've>who'd've who'dve>who'd've wholl>who'll whos>who's whove>who've whyll>why'll whyre>why're
+whys>why's wont>won't wouldve>would've wouldnt>wouldn't wouldnt've>wouldn't've wouldn'tve>wouldn't've
+yall>y'all yall'll>y'all'll y'allll>y'all'll yall'd've>y'all'd've y'alld've>y'all'd've
+y'all'dve>y'all'd've youd>you'd youd've>you'd've you'dve>you'd've youll>you'll youre>you're youve>you've
+""".split())
 
 
 def extract_answer(text: str) -> str | None:
-    """The text after the last "answer:" (case-insensitive), stripped; None if absent."""
-    found = list(_ANSWER.finditer(text))
-    return text[found[-1].end():].strip() if found else None
+    """The final answer of a reply, stripped, or None when the reply has no final answer.
+
+    The benchmark's files write replies in three ways; the first that applies wins:
+      1. the content of the last <answer>...</answer> (one left open, as by the token budget
+         cutting the reply: everything after it);
+      2. else the text after the last </think>;
+      3. else the text after the last "answer:".
+    Tags and marker in any case.
+    """
+    low = text.lower()
+    if (i := low.rfind("<answer>")) >= 0:
+        rest = text[i + len("<answer>"):]
+        j = rest.lower().find("</answer>")
+        return (rest if j < 0 else rest[:j]).strip()
+    for marker in ("</think>", "answer:"):
+        if (i := low.rfind(marker)) >= 0:
+            return text[i + len(marker):].strip()
+    return None
 
 
 def _strip_punctuation(text: str) -> str:
@@ -69,12 +105,13 @@ def _strip_punctuation(text: str) -> str:
 
 def normalize(text: str) -> str:
     """VQA normalization: punctuation as above, lowercase, number words to digits, articles
-    dropped, whitespace collapsed. If that leaves nothing (the answer "A" is an article),
-    the lowercased text without punctuation is kept instead, as the benchmark does (it keeps
-    the case there; we lowercase, so "a" and "A" agree)."""
+    dropped, contractions restored ("dont" -> "don't"), whitespace collapsed. If that leaves
+    nothing (the answer "A" is an article), the lowercased text without punctuation is kept
+    instead, as the benchmark does (it keeps the case there; we lowercase, so "a" and "A" agree)."""
     text = _strip_punctuation(text.replace("\n", " ").replace("\t", " ").strip())
     words = [_NUMBERS.get(w, w) for w in text.lower().split()]
-    return " ".join(w for w in words if w not in _ARTICLES) or " ".join(words)
+    kept = [_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
+    return " ".join(kept) or " ".join(words)
 
 
 def _rouge_l(prediction: str, reference: str) -> float:
@@ -89,17 +126,17 @@ def _first_alnum(text: str) -> str:
 
 
 def score(metric: str, prediction: str, reference: str) -> float:
-    """Score one prediction against its reference, in [0, 100].
+    """Score one reply against its reference, in [0, 100].
 
-    Both are full answers (reasoning, then "answer: ..."); the final answers are compared.
-    A prediction without "answer:", or with nothing after it, is wrong; a reference without
-    "answer:" is all final answer. The rules of each metric (DESIGN.md, "Scorers"):
+    Both are read with extract_answer. A reply without a final answer, or with an empty one,
+    scores 0; a reference without one is all final answer. The rules of each metric follow the
+    benchmark's scorers, with the deviations listed in DESIGN.md ("Scorers"):
         exact        VQA-normalized strings are equal (numglue, OCR)
-        first_token  the prediction's first word, lowercased, equals the whole lowercased
-                     reference (math, science); no normalization, as in the benchmark
+        first_token  the reply's first word, lowercased, equals the whole lowercased reference
+                     (math, science); no normalization, as in the benchmark
         first_char   the first letter or digit of each, case-insensitive (fomc); brackets
                      and spaces are skipped, so "(A)" matches "A" and not "(B)"
-        rouge_l      ROUGE-L F1 x 100 (art, medical), rouge-score's tokenizer
+        rouge_l      ROUGE-L F1 x 100 of the VQA-normalized texts (art, medical), rouge-score
     """
     pred = extract_answer(prediction)
     if not pred:
@@ -116,7 +153,7 @@ def score(metric: str, prediction: str, reference: str) -> float:
         p = _first_alnum(pred)
         return 100.0 * bool(p and p == _first_alnum(ref))
     if metric == "rouge_l":
-        return _rouge_l(pred, ref)
+        return _rouge_l(normalize(pred), normalize(ref))
     raise ValueError(f"unknown metric {metric!r}: choose one of exact, first_token, first_char, rouge_l")
 
 

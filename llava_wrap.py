@@ -74,7 +74,8 @@ def add_adapters(model: nn.Module, cfg: PASsConfig, train_projector: bool = Fals
         model.get_submodule(PROJECTOR).requires_grad_(True)
     if verbose:
         trainable, total = count_parameters(model)
-        print(f"PASs layers: {len(names)} ({PER_DECODER_LAYER} per decoder layer x {n_layers}); "
+        print(f"PASs layers: {len(names)} ({PER_DECODER_LAYER} per decoder layer x {n_layers}), {cfg.num_experts} "
+              f"experts of rank {cfg.rank}, scaling alpha / r = {cfg.alpha:g} / {cfg.rank} = {cfg.alpha / cfg.rank:g}; "
               f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
     return names
 
@@ -101,7 +102,7 @@ class TinyConfig:
 def tiny_tokenizer():
     """Word-level tokenizer over the sanity stream's vocabulary; spaces are tokens too, so
     decoding gives back the exact text."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
@@ -109,6 +110,7 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\s"), behavior="isolated")
     tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])  # BOS, as Llama's
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", additional_special_tokens=["<image>"], padding_side="left")
 
@@ -233,21 +235,35 @@ def pretrained_tiny(cache_dir: str | Path = "cache", cfg: TinyConfig = TinyConfi
 # ---- the real model ----
 
 
+def image_positions(config) -> int:
+    """Positions one image fills in the sequence, from the checkpoint's own configuration: the
+    vision tower's patches, plus its CLS token unless the feature-select strategy "default"
+    drops it (LLaVA-1.5-7B: (336 / 14)^2 = 576). Not config.image_seq_length: llava-hf's
+    config.json does not set it, and transformers' default (576) fits the 7B only."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches if config.vision_feature_select_strategy == "default" else patches + 1
+
+
 def load_llava(name_or_path: str = "llava-hf/llava-1.5-7b-hf", dtype=torch.bfloat16, device=None) -> LlavaBundle:
-    """LLaVA-1.5 from a local directory or the hub. About 14 GB of weights in bf16/fp16;
-    training with adapters (E=6, r=128) at batch 12 x 1536 tokens needs an 80 GB GPU per
-    process, or gradient checkpointing on smaller ones."""
+    """LLaVA-1.5 from a local directory (llava-hf's layout) or the hub. About 14 GB of weights
+    in bf16; `python llava_wrap.py plan` gives the memory of training it with adapters."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     processor = AutoProcessor.from_pretrained(name_or_path)
     model = LlavaForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
+    num_image_tokens = image_positions(model.config)
+    expanded = data.processor_image_tokens(processor)
+    if expanded != num_image_tokens:
+        raise ValueError(f"{name_or_path}: its processor expands <image> into {expanded} positions, but its vision "
+                         f"tower gives {num_image_tokens} features per image (image_size / patch_size and "
+                         f"vision_feature_select_strategy in config.json): the two files do not belong together")
     if device is not None:
         model.to(device)
     tok = processor.tokenizer
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token
     model.generation_config.pad_token_id = tok.pad_token_id
-    num_image_tokens = model.config.image_seq_length  # 576 for CLIP-L/14-336
 
     def load_image(image):
         if torch.is_tensor(image):  # sanity-stream tensors in [0, 1]

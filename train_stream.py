@@ -57,7 +57,7 @@ class RunConfig:
     method: str = "pasmoe"  # one of baselines.METHODS
     stream: str = "sanity"  # "sanity" (offline, built in) or "ctbench" (files under data_root)
     data_root: str | None = None  # MLLM-CTBench root holding reasoning_train/ and reasoning_test/
-    image_root: str | None = None  # where the benchmark's image paths start (default: data_root)
+    image_root: str | None = None  # where the benchmark's image paths start (default: DATA_ROOT/images if it exists, else DATA_ROOT)
     model: str = "tiny"  # "tiny" (pretrained tiny LLaVA, cached) or a LLaVA-1.5 path / hub name
     cache_dir: str = "cache"  # where the tiny base is cached
     tiny_pretrain_steps: int = 2500  # pretraining steps of the tiny base (part of its cache key)
@@ -90,6 +90,7 @@ class RunConfig:
     max_length: int = 256
     n_train: int = 320  # sanity stream: training items per task
     n_test: int = 48  # sanity stream: test items per task
+    limit: int | None = None  # keep the first N training and N test items of each task (a smoke run of the whole path)
     eval: str = "full"  # "full" lower triangle, or "diag-last": the new task, and all tasks at the end
     eval_batch_size: int = 48
     max_new_tokens: int = 32
@@ -132,13 +133,18 @@ def distributed() -> tuple[int, int]:
 
 
 def load_tasks(cfg: RunConfig) -> list[data.Task]:
+    """The stream's tasks in training order; --limit keeps the first N items of each split."""
     if cfg.stream == "sanity":
-        return data.sanity_stream(cfg.seed, cfg.order, cfg.n_train, cfg.n_test)
-    if cfg.stream == "ctbench":
+        tasks = data.sanity_stream(cfg.seed, cfg.order, cfg.n_train, cfg.n_test)
+    elif cfg.stream == "ctbench":
         if not cfg.data_root:
             raise ValueError("--stream ctbench needs --data-root DIR (check it first: python data.py check DIR)")
-        return data.load_ctbench(cfg.data_root, cfg.order, cfg.image_root)
-    raise ValueError(f"unknown --stream {cfg.stream!r}: sanity or ctbench")
+        tasks = data.load_ctbench(cfg.data_root, cfg.order, cfg.image_root)
+    else:
+        raise ValueError(f"unknown --stream {cfg.stream!r}: sanity or ctbench")
+    if cfg.limit is not None:
+        tasks = [data.Task(t.key, t.train[:cfg.limit], t.test[:cfg.limit]) for t in tasks]
+    return tasks
 
 
 def load_model(cfg: RunConfig, device: torch.device) -> llava_wrap.LlavaBundle:
@@ -153,8 +159,8 @@ def load_model(cfg: RunConfig, device: torch.device) -> llava_wrap.LlavaBundle:
         bundle.model.to(device=device, dtype=dtype)
     else:
         bundle = llava_wrap.load_llava(cfg.model, dtype=dtype, device=device)
-    pas = cfg.pas_config()
-    llava_wrap.add_adapters(bundle.model, pas, train_projector=cfg.train_projector, verbose=is_main())
+    seed_everything(cfg.seed)  # the adapters' and routers' init: the same on every path and every DDP rank
+    llava_wrap.add_adapters(bundle.model, cfg.pas_config(), train_projector=cfg.train_projector, verbose=is_main())
     if cfg.gradient_checkpointing:
         bundle.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return bundle
@@ -320,8 +326,8 @@ def evaluate_task(cfg, task, bundle, collate, device) -> tuple[float, list[dict]
         batch = collate.prompts(examples)
         with autocast(cfg, device):
             preds = llava_wrap.generate(bundle, batch, cfg.max_new_tokens)
-        for ex, pred in zip(examples, preds):
-            rows.append({"id": ex.id, "prediction": pred, "reference": ex.solution,
+        for ex, pred in zip(examples, preds):  # the benchmark's re-scoring reads question_id, prompt and text
+            rows.append({"question_id": ex.id, "prompt": ex.problem, "text": pred, "reference": ex.solution,
                          "score": evaluate.score(metric, pred, ex.solution)})
     return sum(r["score"] for r in rows) / len(rows), rows
 
@@ -366,20 +372,76 @@ def environment(device) -> dict:
             "started": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv}
 
 
-def run(cfg: RunConfig, resume: Path | None = None) -> Path:
-    """Train the whole stream; returns the run directory."""
+@dataclass
+class Run:
+    """What one run holds while it trains: its settings, processes, data, model and method."""
+
+    cfg: RunConfig
+    out: Path  # the run directory
+    rank: int
+    world: int
+    device: torch.device
+    tasks: list[data.Task]
+    bundle: llava_wrap.LlavaBundle
+    model: torch.nn.Module  # what trains: the bundle's model, or its DDP wrapper
+    collate: data.Collator
+    method: object  # a baselines.Method
+    cut: dict  # per task: training sequences that max_length cuts (data.length_problems)
+    log_file: object = None  # log.jsonl, open on rank 0
+
+    @property
+    def keys(self) -> list[str]:
+        return [t.key for t in self.tasks]
+
+    def log(self, record: dict) -> None:
+        """One JSON line per training step (rank 0 only)."""
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(record) + "\n")
+
+
+def preflight(cfg: RunConfig, tasks: list[data.Task], bundle: llava_wrap.LlavaBundle, collate: data.Collator) -> dict:
+    """Everything the stream will need, checked before the first step: each image file decodes,
+    each prompt fits. Raises one DataError listing every problem, each naming what to change;
+    returns what max_length cuts from training sequences (counted, then reported)."""
+    problems = []
+    if cfg.stream == "ctbench":
+        examples = [ex for t in tasks for ex in t.train + t.test]
+        problems += data.check_images(examples, Path(cfg.image_root), Path(cfg.data_root))
+    context = bundle.model.config.text_config.max_position_embeddings
+    found, cut = data.length_problems(tasks, collate, cfg.max_length, context, cfg.max_new_tokens)
+    if found and cfg.stream == "ctbench" and cfg.recipe is None:
+        found.append(f"--stream ctbench without --recipe paper trains with the sanity stream's settings "
+                     f"(--max-length {cfg.max_length}); --recipe paper sets the paper's, --max-length 1536")
+    problems += found
+    if problems:
+        raise data.DataError("the stream cannot run as configured; nothing was trained:\n  " + "\n  ".join(problems))
+    for line in data.describe_cuts(cut, cfg.max_length):
+        print("note:", line)
+    return cut
+
+
+def setup(cfg: RunConfig, resume: Path | None) -> Run:
+    """Processes, device, tasks, the model with its adapters, the method; then the preflight."""
     rank, world = distributed()
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
     device = torch.device(cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"))
     out = Path(resume or cfg.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}-{cfg.method}-s{cfg.seed}")
+    if cfg.stream == "ctbench" and cfg.image_root is None and cfg.data_root:  # saved as resolved
+        cfg = dataclasses.replace(cfg, image_root=str(data.default_image_root(cfg.data_root)))
     tasks = load_tasks(cfg)
-    keys = [t.key for t in tasks]
     bundle = load_model(cfg, device)
-    model = bundle.model
-    if world > 1:
-        model = data_parallel(model, device)
     collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, bundle.load_image, cfg.max_length)
+    checked = [None]
+    if is_main():
+        try:
+            checked = [preflight(cfg, tasks, bundle, collate)]
+        except data.DataError as err:
+            checked = [err]
+    if world > 1:  # every process stops with the same message, or goes on
+        dist.broadcast_object_list(checked, src=0)
+    if isinstance(checked[0], Exception):
+        raise checked[0]
 
     def forward(examples):  # for methods that need passes of their own (EWC, MAS)
         inputs = to_device(collate.train(examples), device, bundle.model.dtype)
@@ -388,89 +450,130 @@ def run(cfg: RunConfig, resume: Path | None = None) -> Path:
             return bundle.model(**inputs).logits, labels
 
     method = METHODS[cfg.method][1](cfg, bundle.model, tasks, forward)
+    model = data_parallel(bundle.model, device) if world > 1 else bundle.model  # after the method made its parameters
+    return Run(cfg, out, rank, world, device, tasks, bundle, model, collate, method, checked[0] or {})
 
-    state = {"completed": 0, "R": [[None] * len(tasks) for _ in tasks], "train_s": [], "eval_s": [], "truncated": {}}
+
+def open_run(run: Run, resume: bool) -> dict:
+    """A fresh run directory with the full config, or the saved state of one being resumed:
+    adapters and method state of the last finished task, log lines of finished tasks only."""
+    cfg, out, T = run.cfg, run.out, len(run.tasks)
+    state = {"completed": 0, "evaluated": 0, "R": [[None] * T for _ in range(T)], "train_s": [], "eval_s": [],
+             "truncated": {k: c["sequences"] for k, c in run.cut.items()}}
     if resume:
         state = json.loads((out / "state.json").read_text()) if (out / "state.json").exists() else state
+        state.setdefault("evaluated", state["completed"])
         if state["completed"]:
-            llava_wrap.load_adapters(bundle.model, out / "ckpt" / f"task{state['completed']}.safetensors")
+            llava_wrap.load_adapters(run.bundle.model, out / "ckpt" / f"task{state['completed']}.safetensors")
             saved = out / "ckpt" / f"method{state['completed']}.safetensors"
             if saved.exists():
-                method.load_state_dict(load_file(saved, device=str(device)))
-        collate.truncated = {k: set(v) for k, v in state["truncated"].items()}
+                run.method.load_state_dict(load_file(saved, device=str(run.device)))
         if is_main():
-            print(f"resuming {out} after task {state['completed']} of {len(tasks)}")
-            done = set(keys[:state["completed"]])  # drop the log lines of the interrupted task
+            print(f"resuming {out} after task {state['completed']} of {T}")
+            done = set(run.keys[:state["completed"]])  # drop the log lines of the interrupted task
             lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
             atomic_write(out / "log.jsonl", "".join(l + "\n" for l in lines if json.loads(l)["task"] in done))
+            config = json.loads((out / "config.json").read_text())
+            if config["image_root"] != cfg.image_root:  # a path may move between attempts
+                atomic_write(out / "config.json", json.dumps(config | {"image_root": cfg.image_root}, indent=1))
     elif is_main():
         out.mkdir(parents=True, exist_ok=False)
-        (out / "ckpt").mkdir()
-        (out / "predictions").mkdir()
-        (out / "gates").mkdir()
-        config = asdict(cfg) | {"pas_config": asdict(cfg.pas_config()), "base": bundle.name, "base_info": bundle.info,
-                                "tasks": keys, "world_size": world} | environment(device)
+        for sub in ("ckpt", "predictions", "gates"):
+            (out / sub).mkdir()
+        config = asdict(cfg) | {"pas_config": asdict(cfg.pas_config()), "base": run.bundle.name, "base_info": run.bundle.info,
+                                "tasks": run.keys, "world_size": run.world} | environment(run.device)
         atomic_write(out / "config.json", json.dumps(config, indent=1))
-        trainable, total = llava_wrap.count_parameters(bundle.model)
+        trainable, _ = llava_wrap.count_parameters(run.bundle.model)
         print(f"run directory {out}; {cfg.method}: {trainable:,} trainable parameters")
-    if world > 1:
+    if run.world > 1:
+        dist.barrier()
+    if is_main():
+        run.log_file = open(out / "log.jsonl", "a")
+    return state
+
+
+def save_state(run: Run, state: dict) -> None:
+    if is_main():
+        atomic_write(run.out / "state.json", json.dumps(state, indent=1))
+        run.log_file.flush()
+
+
+def run_task(run: Run, state: dict, t: int) -> None:
+    """Task t: train (the method's examples), importance pass, end of task, checkpoint, evaluation."""
+    task = run.tasks[t]
+    start = time.time()
+    run.method.begin_task(t)
+    examples = run.method.examples(t)
+    if examples is not None:  # None: this method trains nothing at step t (joint, before the end)
+        train_task(run.cfg, t, task, examples, run.method, run.bundle, run.model, run.collate, run.device, run.log,
+                   run.rank, run.world)
+        importance_pass(run.cfg, task, run.bundle, run.collate, run.device, run.rank, run.world)
+        end_task(run.bundle.model)
+        run.method.end_task(t)
+    state["train_s"].append(round(time.time() - start, 2))
+    if is_main():
+        llava_wrap.save_adapters(run.bundle.model, run.out / "ckpt" / f"task{t + 1}.safetensors", meta={"task": task.key, "index": t})
+        method_state = run.method.state_dict()
+        if method_state:  # EWC, MAS: importance and anchors
+            tmp = run.out / "ckpt" / f".method{t + 1}.tmp"
+            save_file({k: v.contiguous() for k, v in method_state.items()}, tmp)
+            os.replace(tmp, run.out / "ckpt" / f"method{t + 1}.safetensors")  # atomic, like the adapters
+    state["completed"] = t + 1
+    save_state(run, state)  # trained and saved: a crash in the evaluation below does not retrain it
+    evaluate_after(run, state, t)
+
+
+def evaluate_after(run: Run, state: dict, t: int) -> None:
+    """Evaluate after task t (row t of R), keep the probes' gates, print the row (rank 0)."""
+    start = time.time()
+    cfg, task, last = run.cfg, run.tasks[t], t == len(run.tasks) - 1
+    trained = run.method.examples(t) is not None
+    if is_main():
+        evaluated = [] if not trained else range(t + 1) if cfg.eval == "full" or last else [t]
+        for j in evaluated:
+            score, rows = evaluate_task(cfg, run.tasks[j], run.bundle, run.collate, run.device)
+            state["R"][t][j] = score
+            with open(run.out / "predictions" / f"after{t + 1}_{run.keys[j]}.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        if trained:
+            torch.save(probe_gates(cfg, task, run.bundle, run.collate, run.device), run.out / "gates" / f"{task.key}_after.pt")
+        if last:
+            for old in run.tasks:
+                torch.save(probe_gates(cfg, old, run.bundle, run.collate, run.device), run.out / "gates" / f"{old.key}_final.pt")
+        state["evaluated"] = t + 1
+        state["eval_s"].append(round(time.time() - start, 2))
+        save_state(run, state)
+        row = " ".join("    -" if v is None else f"{v:5.1f}" for v in state["R"][t])
+        cut = run.cut.get(task.key)
+        cut = f"; {cut['sequences']} of {cut['of']} training sequences cut at --max-length" if cut else ""
+        trained = f"{state['train_s'][t]:.0f}s train" if trained else f"{cfg.method} trains at the end"
+        print(f"after task {t + 1} ({task.key}, {trained}{cut}): {row}")
+    if run.world > 1:
         dist.barrier()
 
-    log_file = open(out / "log.jsonl", "a") if is_main() else None
-    log = (lambda rec: log_file.write(json.dumps(rec) + "\n")) if log_file else (lambda rec: None)
-    for t in range(state["completed"], len(tasks)):
-        task = tasks[t]
-        start = time.time()
-        method.begin_task(t)
-        examples = method.examples(t)
-        if examples is not None:  # None: this method trains nothing at step t (joint, before the end)
-            train_task(cfg, t, task, examples, method, bundle, model, collate, device, log, rank, world)
-            importance_pass(cfg, task, bundle, collate, device, rank, world)
-            end_task(bundle.model)
-            method.end_task(t)
-        train_s = time.time() - start
-        start = time.time()
-        if is_main():
-            llava_wrap.save_adapters(bundle.model, out / "ckpt" / f"task{t + 1}.safetensors", meta={"task": task.key, "index": t})
-            method_state = method.state_dict()
-            if method_state:  # EWC, MAS: importance and anchors
-                tmp = out / "ckpt" / f".method{t + 1}.tmp"
-                save_file({k: v.contiguous() for k, v in method_state.items()}, tmp)
-                os.replace(tmp, out / "ckpt" / f"method{t + 1}.safetensors")  # atomic, like the adapters
-            last = t == len(tasks) - 1
-            evaluated = [] if examples is None else range(t + 1) if cfg.eval == "full" or last else [t]
-            for j in evaluated:
-                score, rows = evaluate_task(cfg, tasks[j], bundle, collate, device)
-                state["R"][t][j] = score
-                with open(out / "predictions" / f"after{t + 1}_{keys[j]}.jsonl", "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in rows)
-            if examples is not None:
-                torch.save(probe_gates(cfg, task, bundle, collate, device), out / "gates" / f"{task.key}_after.pt")
-            if last:
-                for old in tasks:
-                    torch.save(probe_gates(cfg, old, bundle, collate, device), out / "gates" / f"{old.key}_final.pt")
-            state["completed"] = t + 1
-            state["train_s"].append(round(train_s, 2))
-            state["eval_s"].append(round(time.time() - start, 2))
-            state["truncated"] = {k: sorted(v) for k, v in collate.truncated.items()}
-            atomic_write(out / "state.json", json.dumps(state, indent=1))
-            log_file.flush()
-            row = " ".join("    -" if v is None else f"{v:5.1f}" for v in state["R"][t])
-            n_cut = len(collate.truncated.get(task.key, ()))
-            cut = f"; {n_cut} of {len(task.train)} training sequences truncated" if n_cut else ""
-            trained = f"{train_s:.0f}s train" if examples is not None else f"{cfg.method} trains at the end"
-            print(f"after task {t + 1} ({task.key}, {trained}{cut}): {row}")
-        if world > 1:
-            dist.barrier()
 
-    if is_main():
-        log_file.close()
-        metrics = evaluate.cl_metrics(state["R"]) | {"train_s": state["train_s"], "eval_s": state["eval_s"],
-                                                      "truncated": {k: len(v) for k, v in state["truncated"].items()}}
-        atomic_write(out / "matrix.json", json.dumps({"tasks": keys, "R": state["R"]}, indent=1))
-        atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))
-        evaluate.main([str(out)])
-    return out
+def finish(run: Run, state: dict) -> None:
+    """The matrix, the metrics and the run's report."""
+    if not is_main():
+        return
+    run.log_file.close()
+    metrics = evaluate.cl_metrics(state["R"]) | {"train_s": state["train_s"], "eval_s": state["eval_s"],
+                                                  "truncated": state["truncated"]}
+    atomic_write(run.out / "matrix.json", json.dumps({"tasks": run.keys, "R": state["R"]}, indent=1))
+    atomic_write(run.out / "metrics.json", json.dumps(metrics, indent=1))
+    evaluate.main([str(run.out)])
+
+
+def run(cfg: RunConfig, resume: Path | None = None) -> Path:
+    """Train the whole stream; returns the run directory."""
+    run_ = setup(cfg, resume)
+    state = open_run(run_, resume is not None)
+    if state["evaluated"] < state["completed"]:  # trained and saved, but the evaluation was interrupted
+        evaluate_after(run_, state, state["completed"] - 1)
+    for t in range(state["completed"], len(run_.tasks)):
+        run_task(run_, state, t)
+    finish(run_, state)
+    return run_.out
 
 
 # ---- the small-scale study: calibration with reference methods, then the paper's comparisons ----
@@ -550,12 +653,17 @@ def parse_args(argv=None) -> tuple[RunConfig, Path | None, tuple | None]:
     args = vars(parser.parse_args(argv))
     resume, study_dir, parts = args.pop("resume"), args.pop("study"), args.pop("parts")
     if resume:
-        given = [k for k, v in args.items() if v is not None]
+        given = [k for k, v in args.items() if v is not None and k != "image_root"]
         if given:
-            parser.error(f"--resume takes the run's saved config; drop {', '.join('--' + k.replace('_', '-') for k in given)}")
+            parser.error(f"--resume takes the run's saved config (only --image-root, a path, may change); "
+                         f"drop {', '.join('--' + k.replace('_', '-') for k in given)}")
         saved = json.loads((resume / "config.json").read_text())
-        return RunConfig(**{f.name: saved[f.name] for f in dataclasses.fields(RunConfig)}), resume, None
-    preset = PAPER_RECIPE if args.get("recipe") == "paper" else {}
+        cfg = RunConfig(**{f.name: saved[f.name] for f in dataclasses.fields(RunConfig)})
+        return dataclasses.replace(cfg, image_root=args["image_root"] or cfg.image_root), resume, None
+    preset = dict(PAPER_RECIPE) if args.get("recipe") == "paper" else {}
+    if preset and args["alpha"] is None and (args["rank"] or args["total_rank"]):  # keep the recipe's alpha / r = 2
+        E = args["num_experts"] or preset["num_experts"]
+        preset["alpha"] = 2.0 * (args["rank"] or args["total_rank"] // E)
     cfg = RunConfig(**(preset | {k: v for k, v in args.items() if v is not None}))
     if cfg.recipe == "paper" and cfg.model == "tiny":
         parser.error("--recipe paper is LLaVA-1.5-7B's: add --model llava-hf/llava-1.5-7b-hf (or a local copy)")
@@ -565,12 +673,13 @@ def parse_args(argv=None) -> tuple[RunConfig, Path | None, tuple | None]:
 
 
 def _field_comments() -> dict[str, str]:
-    """The comment beside each RunConfig field, reused as its --help text."""
-    import inspect
+    """The comment beside each RunConfig field, reused as its --help text (read from this
+    file, so it works however the script was started, e.g. under python -m cProfile)."""
     import re
 
-    src = inspect.getsource(RunConfig)
-    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$", src, re.MULTILINE)}
+    src = Path(__file__).read_text()
+    body = src[src.index("class RunConfig:"):src.index("    def pas_config(self)")]
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$", body, re.MULTILINE)}
 
 
 def main(argv=None) -> None:

@@ -55,7 +55,7 @@ def test_orders():
 
 def test_check_accepts_a_valid_directory(tmp_path, capsys):
     full_bench(tmp_path)
-    assert data.check(tmp_path) == []
+    assert data.check(tmp_path)[0] == []
     with pytest.raises(SystemExit) as exit_:
         data.main(["check", str(tmp_path)])
     assert exit_.value.code == 0
@@ -67,8 +67,9 @@ def test_check_accepts_a_valid_directory(tmp_path, capsys):
     [
         (lambda r: (r / "reasoning_train/art.json").write_text("[{"), "art.json: "),
         (lambda r: (r / "reasoning_test/math.json").write_text(json.dumps([raw(), {"problem": "q"}])), "math.json record 1: missing or empty 'solution'"),
-        (lambda r: (r / "reasoning_train/OCR.json").write_text(json.dumps([raw(image="img/none.png")])), "OCR.json record 0: image"),
-        (lambda r: (r / "img/science.png").write_bytes(b"not a png"), "science.json record 0: image"),
+        (lambda r: (r / "reasoning_train/OCR.json").write_text(json.dumps([raw(image="img/none.png")])),
+         "1 of 6 images not found under the image root"),
+        (lambda r: (r / "img/science.png").write_bytes(b"not a png"), "science item 0: image"),
         (lambda r: (r / "reasoning_train/medical.json").write_text(json.dumps([raw()])), "medical.json record 0: image task"),
         (lambda r: (r / "reasoning_train/chess.json").write_text("[]"), "unknown task key 'chess'"),
         (lambda r: (r / "reasoning_test/fomc.json").unlink(), "fomc.json"),
@@ -210,12 +211,20 @@ def test_prompts_are_left_padded_without_answers():
     assert "pixel_values" not in batch
 
 
-def test_truncation_is_counted_once_per_example():
-    col, _ = collator(max_length=12)
-    ex = data.Example("numglue", "n1", "Add?", "one two three four five six seven. answer: 7")
+def test_length_checks_count_cuts_and_refuse_prompts_that_do_not_fit():
+    # planted bugs: a cut counted once per epoch or per batch, test items counted as training
+    # sequences, a training prompt with no room for its answer let through
+    col, _ = collator(max_length=16)
+    long = data.Example("numglue", "n1", "Add?", "one two three four five six seven. answer: 7")
+    short = data.Example("numglue", "n2", "Add?", "answer: 7")
+    task = data.Task("numglue", [long, short], [long])
     for _ in range(3):  # three epochs
-        batch = col.train([ex])
-    assert batch["input_ids"].shape[1] == 12
-    assert col.truncated == {"numglue": {"n1"}}
-    with pytest.raises(data.DataError, match="prompt alone has"):
-        collator(max_length=4)[0].train([ex])
+        batch = col.train([long])
+    assert batch["input_ids"].shape[1] == 16 and col.length(short)[1] <= 16
+    problems, cut = data.length_problems([task], col, max_length=16, context=64, max_new_tokens=8)
+    assert problems == [] and cut == {"numglue": {"sequences": 1, "of": 2, "tokens": col.length(long)[1] - 16,
+                                                  "longest": col.length(long)[1]}}
+    problems, _ = data.length_problems([task], collator(max_length=4)[0], max_length=4, context=64, max_new_tokens=8)
+    assert len(problems) == 1 and "2 of 2 training prompts leave no room" in problems[0] and "--max-length" in problems[0]
+    problems, _ = data.length_problems([task], col, max_length=16, context=10, max_new_tokens=8)
+    assert "lower --max-new-tokens" in problems[0]

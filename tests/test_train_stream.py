@@ -99,7 +99,7 @@ def test_run_directory_contents(reference_run):
     assert [r["task"] for r in log] == ["fomc"] * STEPS + ["art"] * STEPS
     assert log[0]["stab"] == 0 and log[-1]["stab"] > 0  # no anchor before the first task ends
     preds = [json.loads(line) for line in (reference_run / "predictions/after2_art.jsonl").read_text().splitlines()]
-    assert len(preds) == 8 and set(preds[0]) == {"id", "prediction", "reference", "score"}
+    assert len(preds) == 8 and set(preds[0]) == {"question_id", "prompt", "text", "reference", "score"}
 
 
 def test_same_seed_same_matrix(reference_run, cache, tmp_path):
