@@ -57,9 +57,10 @@ class Method:
         return self.stream[t].train
 
     def extra_loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Terms added to the task loss, by name (each is logged). batch holds the model's
-        inputs, `labels`, the model's `logits` for this step, and `n_tokens` and `world`: the
-        global count of answer tokens and the number of processes (task_loss's normalization)."""
+        """Terms added to the task loss, by name (each is logged). batch holds the collated
+        batch (`input_ids`, `attention_mask`, `labels`, `images`), the `inputs_embeds` and
+        `logits` of this step, and `n_tokens` and `world`: the global count of answer tokens
+        and the number of processes (task_loss's normalization)."""
         return {}
 
     def end_task(self, t: int) -> None:
@@ -249,7 +250,7 @@ class LwF(Method):
         logits, labels = batch["logits"], batch["labels"]
         if self.teacher is None:
             return {"distill": torch.zeros((), device=logits.device)}
-        inputs = {k: v for k, v in batch.items() if k not in ("logits", "labels", "n_tokens", "world")}
+        inputs = {"inputs_embeds": batch["inputs_embeds"], "attention_mask": batch["attention_mask"]}
         with torch.no_grad():
             old = torch.func.functional_call(self.model, self.teacher, args=(), kwargs=inputs, strict=False).logits
         kl = distillation_kl(answer_logits(logits, labels), answer_logits(old, labels), self.cfg.lwf_temperature)

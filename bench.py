@@ -1,21 +1,35 @@
-"""Speed and memory of the PASs layer, as ratios against baselines measured in the same run.
+"""Speed and memory, as ratios against baselines measured in the same run.
 
-    python bench.py                       CPU, float32, the issue's shapes
-    python bench.py --device cuda --dtype bfloat16 --shapes 4096x4096x6x128
+    python bench.py                       the layer: CPU, float32, the issue's shapes
+    python bench.py --device cuda --dtype bfloat16 --shapes 12288x4096x6x128
+    python bench.py --whole-run           whole short streams of moelora, pasmoe, seqlora
+    python bench.py --against DIR         `python train_stream.py` here and in checkout DIR
 
-Baselines, on the same frozen nn.Linear and the same tokens:
+The layer, on the same frozen nn.Linear and the same tokens, against:
     lora      one plain LoRA of the same total rank E*r (the cost PASs-MoE should match)
     loop      MoE-LoRA as commonly written: a Python loop over experts, each expert's
               full-width output B_e A_e h multiplied by its gate (the CoIN pattern)
 Reported: median fwd+bwd time over --repeats, bytes saved for backward (activations only,
 parameters excluded), and the cost of importance tracking on a forward.
+
+Whole runs (subprocesses of train_stream.py, interleaved round by round, so that drift in the
+machine's speed hits every variant alike): training and evaluation seconds as each run's
+state.json records them, medians over --rounds, as ratios to moelora (the paper's Table 3
+compares PASs-MoE's times with MoELoRA's). --against times the default job of two checkouts
+the same way (wall seconds of the whole process).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +141,40 @@ def bench_shape(n, d, E, r, device, dtype, repeats):
     return times, mem, fwd["plain"], fwd["tracked"]
 
 
+SHORT_STREAM = ["--n-train", "96", "--n-test", "24", "--epochs", "2", "--eval", "full"]  # 7 tasks, 12 steps each
+
+
+def whole_runs(rounds: int, extra: list[str]) -> dict:
+    """Median train and eval seconds of short streams of moelora, pasmoe and seqlora."""
+    methods = ("moelora", "pasmoe", "seqlora")
+    seconds = {m: {"train": [], "eval": []} for m in methods}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for m in methods:
+                out = Path(tmp) / f"{m}-{r}"
+                cmd = [sys.executable, "train_stream.py", *SHORT_STREAM, *extra, "--method", m, "--out", str(out)]
+                subprocess.run(cmd, cwd=Path(__file__).parent, check=True, capture_output=True)
+                state = json.loads((out / "state.json").read_text())
+                seconds[m]["train"].append(sum(state["train_s"]))
+                seconds[m]["eval"].append(sum(state["eval_s"]))
+    return {m: {k: statistics.median(v) for k, v in s.items()} for m, s in seconds.items()}
+
+
+def against(other: Path, rounds: int) -> dict:
+    """Median wall seconds of `python train_stream.py` in this checkout and in `other`, alternated."""
+    here = Path(__file__).parent
+    walls = {"here": [], "there": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for name, where in (("there", other), ("here", here)):
+                cmd = [sys.executable, "train_stream.py", "--out", str(Path(tmp) / f"{name}-{r}"),
+                       "--cache-dir", str(here / "cache")]
+                start = time.perf_counter()
+                subprocess.run(cmd, cwd=where, check=True, capture_output=True, env=os.environ | {"PYTHONPATH": str(where)})
+                walls[name].append(time.perf_counter() - start)
+    return walls
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["2048x1024x6x16", "2048x256x6x8"],
@@ -134,7 +182,25 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=30, help="timed repetitions per measurement (median reported)")
+    parser.add_argument("--whole-run", action="store_true", help="time whole short streams of moelora, pasmoe, seqlora")
+    parser.add_argument("--against", type=Path, default=None, help="time the default job here and in this other checkout")
+    parser.add_argument("--rounds", type=int, default=5, help="whole runs: rounds of interleaved runs (medians reported)")
     args = parser.parse_args(argv)
+    if args.whole_run:
+        found = whole_runs(args.rounds, ["--device", args.device])
+        ref = found["moelora"]
+        print(f"whole short streams ({' '.join(SHORT_STREAM)}), {args.device}, median of {args.rounds} interleaved rounds")
+        print("| method | train s | eval s | train / moelora | eval / moelora |\n|---|---|---|---|---|")
+        for m, s in found.items():
+            print(f"| {m} | {s['train']:.1f} | {s['eval']:.1f} | {s['train'] / ref['train']:.3f} | {s['eval'] / ref['eval']:.3f} |")
+        return
+    if args.against:
+        walls = against(args.against, args.rounds)
+        here, there = statistics.median(walls["here"]), statistics.median(walls["there"])
+        print(f"python train_stream.py, median wall of {args.rounds} alternated runs: {args.against} {there:.1f} s, "
+              f"this checkout {here:.1f} s: {here / there:.2f}x")
+        print("all runs (s):", {k: [round(v, 1) for v in vs] for k, vs in walls.items()})
+        return
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, {device}, {args.dtype}, {torch.get_num_threads()} threads, median of {args.repeats}")
     print("| N x d x E x r | PASs fwd+bwd ms | LoRA(E*r) ms | loop ms | PASs / LoRA | loop / PASs "

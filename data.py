@@ -488,12 +488,13 @@ class Collator:
     answer is labelled. Token ids are computed once per example (`encode`, `encode_all`).
 
     tokenizer: a Hugging Face tokenizer with pad, bos and eos tokens and the `<image>` token.
-    load_image: image field -> (3, H, W) pixel tensor in the model's preprocessing.
-    Training sequences longer than max_length lose their tail; `cut` says by how much.
+    A batch holds token tensors and `images`, the batch's examples that have an image, in order:
+    the model side (llava_wrap.embed) turns those into features.
+    Training sequences longer than max_length lose their tail (length_problems counts them).
     """
 
-    def __init__(self, tokenizer, num_image_tokens: int, load_image, max_length: int = 1536):
-        self.tok, self.num_image_tokens, self.load_image = tokenizer, num_image_tokens, load_image
+    def __init__(self, tokenizer, num_image_tokens: int, max_length: int = 1536):
+        self.tok, self.num_image_tokens = tokenizer, num_image_tokens
         self.max_length = max_length
         self.image_id = tokenizer.convert_tokens_to_ids("<image>")
         self._ids: dict[Example, tuple[list[int], list[int]]] = {}
@@ -540,10 +541,6 @@ class Collator:
         prompt, answer = self.encode(ex)
         return len(prompt), len(prompt) + len(answer)
 
-    def _pixels(self, examples):
-        images = [self.load_image(ex.image) for ex in examples if ex.image is not None]
-        return {"pixel_values": torch.stack(images)} if images else {}
-
     def train(self, examples: list[Example]) -> dict:
         """Right-padded batch; labels are IGNORE except the answer and the end token."""
         rows = []
@@ -557,7 +554,7 @@ class Collator:
             "labels": torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in rows]),
             "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]),
         }
-        return batch | self._pixels(examples)
+        return batch | {"images": [ex for ex in examples if ex.image is not None]}
 
     def prompts(self, examples: list[Example]) -> dict:
         """Left-padded prompts for generation (never cut: train_stream checks they fit the model)."""
@@ -568,7 +565,7 @@ class Collator:
             "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
             "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
         }
-        return batch | self._pixels(examples)
+        return batch | {"images": [ex for ex in examples if ex.image is not None]}
 
 
 def length_problems(tasks: list[Task], collate: Collator, max_length: int, context: int, max_new_tokens: int) -> tuple[list[str], dict]:
@@ -621,7 +618,7 @@ def _check_lengths(model: str, tasks: list[Task], max_length: int, max_new_token
     processor = AutoProcessor.from_pretrained(model)
     context = AutoConfig.from_pretrained(model).text_config.max_position_embeddings
     n_image = processor_image_tokens(processor)
-    problems, cut = length_problems(tasks, Collator(processor.tokenizer, n_image, None, max_length), max_length,
+    problems, cut = length_problems(tasks, Collator(processor.tokenizer, n_image, max_length), max_length,
                                     context, max_new_tokens)
     print(f"{model}: {n_image} positions per image, a context of {context} tokens")
     for line in describe_cuts(cut, max_length):

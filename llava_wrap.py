@@ -5,6 +5,8 @@
     tiny_llava(seed)                a small LLaVA-1.5 built in code with its own tokenizer
     pretrained_tiny(cache_dir)      the tiny model after a short generic pretraining, cached
     load_llava(name_or_path)        the real llava-hf/llava-1.5-7b-hf (local dir or the hub)
+    embed / forward(bundle, batch)  the language model's input embeddings (image features in the
+                                    <image> positions) and its logits, for a data.Collator batch
     generate(bundle, batch)         batched greedy decoding, left padding
     save_adapters / load_adapters   only what the method trains and tracks, in safetensors
 
@@ -12,6 +14,10 @@ The tiny model has the module layout of llava-1.5-7b-hf, so the same injection p
 adapter files and training code run on both. Token masks: data.Collator expands <image>
 itself, so a batch's attention mask lines up with the language model's hidden states and
 is what `pasmoe.track_importance` receives.
+
+The model is fed input embeddings that `embed` builds as LlavaModel.forward does from pixels,
+so that the frozen vision tower's features can be computed once per image and kept
+(`LlavaBundle.feature_cache`): the tower never trains, so they never change.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class LlavaBundle:
     load_image: Callable  # image field (tensor in [0, 1], or a file path) -> pixel tensor (3, H, W)
     name: str  # where the base came from: "tiny-<hash>" or a checkpoint name/path
     info: dict = field(default_factory=dict)  # e.g. the tiny base's pretraining report
+    feature_cache: dict | None = None  # data.Example -> its image's vision features; None: computed each time
 
 
 # ---- adapters ----
@@ -167,7 +174,7 @@ def _pretrain(bundle: LlavaBundle, cfg: TinyConfig) -> dict:
 
     mixture = list(data.pretrain_mixture(cfg.seed))
     held_out, train = mixture[:200], mixture[200:]
-    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, bundle.load_image, max_length=256)
+    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, max_length=256)
     model = bundle.model.train()
     # The vision tower keeps its random init, as LLaVA keeps CLIP frozen: trained jointly
     # here, it collapses onto colour and position within a few hundred steps and loses the
@@ -185,7 +192,8 @@ def _pretrain(bundle: LlavaBundle, cfg: TinyConfig) -> dict:
             pool = sorted(rng.sample(train, 8 * cfg.pretrain_batch), key=lambda ex: len(ex.problem) + len(ex.solution))
             batches = [pool[i:i + cfg.pretrain_batch] for i in range(0, len(pool), cfg.pretrain_batch)]
             rng.shuffle(batches)
-        loss = model(**collate.train(batches.pop())).loss
+        batch = collate.train(batches.pop())
+        loss = model(inputs_embeds=embed(bundle, batch), attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -208,12 +216,12 @@ def pretrained_tiny(cache_dir: str | Path = "cache", cfg: TinyConfig = TinyConfi
     from transformers import LlavaForConditionalGeneration
 
     path = Path(cache_dir) / f"tiny-llava-{_tiny_key(cfg)}"
+    if (path / "model.safetensors").exists():  # no random model built first: it would be overwritten
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+        return LlavaBundle(model, tiny_tokenizer(), image_positions(model.config), _tensor_image, name=path.name,
+                           info=json.loads((path / "pretrain.json").read_text()))
     bundle = tiny_llava(cfg)
     bundle.name = path.name
-    if (path / "model.safetensors").exists():
-        bundle.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-        bundle.info = json.loads((path / "pretrain.json").read_text())
-        return bundle
     print(f"building the pretrained tiny base in {path} (once; cached)")
     start = time.time()
     bundle.info = _pretrain(bundle, cfg) | {"seconds": round(time.time() - start, 1)}
@@ -311,7 +319,75 @@ def plan(cfg: PASsConfig) -> dict:
                     "Eq. 11 transient (fp32, one tensor at a time)": 2 * 4 * largest / gib}}
 
 
-# ---- generation ----
+# ---- feeding the model ----
+
+
+FEATURE_CACHE_GIB = 2.0  # the most memory that kept vision features may take
+
+
+def cache_vision_features(bundle: LlavaBundle, examples: list) -> str:
+    """Keep each image's vision features once computed (bundle.feature_cache) when the vision
+    tower is frozen and the features of all these examples' images fit in FEATURE_CACHE_GIB;
+    returns a line that says which. (LLaVA-1.5-7B on MLLM-CTBench: 576 x 1024 bf16 values, 1.1
+    MiB an image, some 60 GiB for the benchmark: not kept.)"""
+    tower = bundle.model.model.vision_tower
+    images = {ex for ex in examples if ex.image is not None}  # examples hash by identity
+    size = len(images) * bundle.num_image_tokens * tower.config.hidden_size * bundle.model.dtype.itemsize
+    if any(p.requires_grad for p in tower.parameters()):
+        bundle.feature_cache = None
+        return "vision features: computed at every step (the vision tower trains)"
+    if size > FEATURE_CACHE_GIB * 2**30:
+        bundle.feature_cache = None
+        return f"vision features: computed at every step (keeping all {len(images):,} would take {size / 2**30:.1f} GiB)"
+    bundle.feature_cache = {}
+    return f"vision features: computed once per image and kept ({len(images):,} images, {size / 2**20:.1f} MiB)"
+
+
+def vision_features(bundle: LlavaBundle, examples: list) -> torch.Tensor:
+    """(images, positions, d_vision): what LLaVA-1.5 feeds its projector for these examples'
+    images, the hidden states of the tower's vision_feature_layer without the CLS token under the
+    "default" strategy (LlavaModel.get_image_features before its projector). Taken from
+    bundle.feature_cache where it holds them; the others are computed in one batch (and kept)."""
+    model, config = bundle.model, bundle.model.config
+    cache = bundle.feature_cache if bundle.feature_cache is not None else {}
+    missing = [ex for ex in dict.fromkeys(examples) if ex not in cache]
+    if missing:
+        tower = model.model.vision_tower
+        pixels = torch.stack([bundle.load_image(ex.image) for ex in missing])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())):
+            hidden = tower(pixels.to(tower.device, model.dtype), output_hidden_states=True).hidden_states
+        feats = hidden[config.vision_feature_layer]
+        feats = feats[:, 1:] if config.vision_feature_select_strategy == "default" else feats
+        if bundle.feature_cache is None:  # nothing kept: these are all of them, in order
+            return feats if len(missing) == len(examples) else torch.stack([feats[missing.index(ex)] for ex in examples])
+        cache.update(zip(missing, feats))
+    return torch.stack([cache[ex] for ex in examples])
+
+
+def embed(bundle: LlavaBundle, batch: dict) -> torch.Tensor:
+    """(b, n, d): the token embeddings of a data.Collator batch, with each image's projected
+    features in its <image> positions, as LlavaModel.forward builds them from pixels."""
+    model = bundle.model
+    ids = batch["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    if batch["images"]:
+        feats = model.model.multi_modal_projector(vision_features(bundle, batch["images"]))
+        slots = ids == model.config.image_token_index
+        if slots.sum() != feats.shape[0] * feats.shape[1]:
+            raise ValueError(f"{int(slots.sum())} <image> positions for {feats.shape[0]} images of {feats.shape[1]} features")
+        embeds = embeds.masked_scatter(slots.unsqueeze(-1), feats.to(embeds.dtype))
+    return embeds
+
+
+def to_device(batch: dict, device) -> dict:
+    """A batch's tensors on the device (its `images` are examples: vision_features loads them)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def forward(bundle: LlavaBundle, batch: dict, model: nn.Module | None = None) -> torch.Tensor:
+    """Logits (b, n, vocab) of a data.Collator batch. `model`: what to call, if not the bundle's
+    model itself (its DDP wrapper)."""
+    return (model or bundle.model)(inputs_embeds=embed(bundle, batch), attention_mask=batch["attention_mask"]).logits
 
 
 @torch.no_grad()
@@ -320,16 +396,11 @@ def generate(bundle: LlavaBundle, batch: dict, max_new_tokens: int = 64) -> list
     model, tok = bundle.model, bundle.tokenizer
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                         suppress_tokens=[model.config.image_token_index],
+    out = model.generate(inputs_embeds=embed(bundle, batch), attention_mask=batch["attention_mask"],
+                         max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=[model.config.image_token_index],
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     model.train(was_training)
-    new = out[:, batch["input_ids"].shape[1]:]
-    return tok.batch_decode(new, skip_special_tokens=True)
+    return tok.batch_decode(out, skip_special_tokens=True)  # given embeddings, generate returns the new tokens only
 
 
 # ---- adapter files ----

@@ -87,19 +87,25 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-class _Energy(torch.autograd.Function):
-    """s_e = ||z_e||^2 / r (Eq. 6), in fp32 whatever z's dtype, keeping only z for backward
-    (autograd of z.float().pow(2) would also keep an fp32 copy of z under bf16)."""
+class _EnergyGate(torch.autograd.Function):
+    """pi = softmax(s / tau) with the energies s_e = ||z_e||^2 / r (Eq. 6-7): (n, e, r) -> (n, e),
+    in fp32 whatever z's dtype. Keeps only z and pi for backward (autograd of z.float() would
+    also keep an fp32 copy of z under bf16); pi is what _MixLowRank keeps anyway."""
 
     @staticmethod
-    def forward(ctx, z):
-        ctx.save_for_backward(z)
-        return _at_least_fp32(z).square().mean(dim=-1)
+    def forward(ctx, z, tau):
+        s = _at_least_fp32(z).square().mean(dim=-1) / tau
+        pi = (s - s.amax(dim=-1, keepdim=True)).exp()
+        pi = pi / pi.sum(dim=-1, keepdim=True)
+        ctx.save_for_backward(z, pi)
+        ctx.tau = tau
+        return pi
 
     @staticmethod
     def backward(ctx, grad):
-        (z,) = ctx.saved_tensors
-        return (_at_least_fp32(z) * (grad * 2 / z.shape[-1]).unsqueeze(-1)).to(z.dtype)
+        z, pi = ctx.saved_tensors
+        grad_s = pi * (grad - (grad * pi).sum(dim=-1, keepdim=True)) / ctx.tau  # through the softmax
+        return (_at_least_fp32(z) * (grad_s * 2 / z.shape[-1]).unsqueeze(-1)).to(z.dtype), None  # ds/dz = 2 z / r
 
 
 class _MixLowRank(torch.autograd.Function):
@@ -114,19 +120,19 @@ class _MixLowRank(torch.autograd.Function):
     def forward(ctx, z, pi, lora_B, scaling):
         ctx.save_for_backward(z, pi, lora_B)
         ctx.scaling = scaling
-        gated = rearrange(z * (pi * scaling).to(z.dtype).unsqueeze(-1), "n e r -> n (e r)")
-        return gated @ rearrange(lora_B.to(z.dtype), "e o r -> (e r) o")
+        gated = (z * (pi * scaling).to(z.dtype).unsqueeze(-1)).flatten(1)  # (n, e r)
+        return gated @ lora_B.to(z.dtype).transpose(1, 2).flatten(0, 1)  # (n, e r) @ (e r, o)
 
     @staticmethod
     def backward(ctx, grad):
         z, pi, lora_B = ctx.saved_tensors
         E = pi.shape[-1]
         grad = grad.to(z.dtype) * ctx.scaling
-        grad_gated = rearrange(grad @ rearrange(lora_B.to(z.dtype), "e o r -> o (e r)"), "n (e r) -> n e r", e=E)
+        grad_gated = (grad @ lora_B.to(z.dtype).transpose(0, 1).flatten(1)).unflatten(1, (E, -1))  # (n, o) @ (o, e r)
         grad_z = grad_gated * pi.to(z.dtype).unsqueeze(-1)
         grad_pi = (_at_least_fp32(grad_gated) * _at_least_fp32(z)).sum(dim=-1)
-        gated = rearrange(z * pi.to(z.dtype).unsqueeze(-1), "n e r -> n (e r)")  # recomputed, not stored
-        grad_B = rearrange(grad.T @ gated, "o (e r) -> e o r", e=E)
+        gated = (z * pi.to(z.dtype).unsqueeze(-1)).flatten(1)  # recomputed, not stored
+        grad_B = (grad.T @ gated).unflatten(1, (E, -1)).transpose(0, 1)  # (o, e r) -> (e, o, r)
         return grad_z, grad_pi.to(pi.dtype), grad_B.to(lora_B.dtype), None
 
 
@@ -239,19 +245,18 @@ class PASsMoELinear(nn.Module):
         if self.cfg.gate == "single":
             return torch.ones(z.shape[:-1], device=z.device)
         if self.cfg.gate == "pas":  # energy s_e = ||z_e||^2 / r, in fp32 also under bf16
-            logits = _Energy.apply(z)
-        else:
-            logits = F.linear(x, self.router.weight.to(x.dtype)).float()
-            if self.cfg.gate == "topk":  # keep the k largest logits, softmax over them only
-                top = logits.topk(self.cfg.top_k, dim=-1).indices
-                kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
-                logits = logits.masked_fill(~kept, float("-inf"))
+            return _EnergyGate.apply(z, self.cfg.temperature)
+        logits = F.linear(x, self.router.weight.to(x.dtype)).float()
+        if self.cfg.gate == "topk":  # keep the k largest logits, softmax over them only
+            top = logits.topk(self.cfg.top_k, dim=-1).indices
+            kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
+            logits = logits.masked_fill(~kept, float("-inf"))
         return torch.softmax(logits / self.cfg.temperature, dim=-1)
 
     def _responses(self, h: torch.Tensor) -> torch.Tensor:
         """z_e = A_e h for all experts in one GEMM: (..., d) -> (..., e, r), in h's dtype."""
-        A_cat = rearrange(self.lora_A.to(h.dtype), "e r d -> (e r) d")
-        return rearrange(F.linear(h, A_cat), "... (e r) -> ... e r", e=self.cfg.num_experts)
+        A_cat = self.lora_A.to(h.dtype).flatten(0, 1)  # (e r, d)
+        return F.linear(h, A_cat).unflatten(-1, (self.cfg.num_experts, self.cfg.rank))
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """Mixture weights pi: (..., d) -> (..., e), fp32; each row sums to 1."""
@@ -398,21 +403,24 @@ def end_task(model: nn.Module) -> None:
 
 
 class _WeightedDrift(torch.autograd.Function):
-    """sum_ek w_ek ||x_ek - x*_ek||^2, the norm taken over `dim` (a row of A, a column of B),
-    in fp32. Backward recomputes x - x* from x and x*, which live anyway, so the loss keeps
-    no adapter-sized tensor of its own between forward and backward."""
+    """Eq. 11's two sums for one layer, in fp32: (sum_ek w_ek ||A[e, k, :] - A*[e, k, :]||^2,
+    sum_ek w_ek ||B[e, :, k] - B*[e, :, k]||^2) as a (2,) tensor. Backward recomputes the
+    differences from the adapters and anchors, which live anyway, so the loss keeps no
+    adapter-sized tensor of its own between forward and backward."""
 
     @staticmethod
-    def forward(ctx, x, anchor, w, dim):
-        ctx.save_for_backward(x, anchor, w)
-        ctx.dim = dim
-        return (w * (_at_least_fp32(x) - _at_least_fp32(anchor)).square().sum(dim=dim)).sum()
+    def forward(ctx, A, anchor_A, B, anchor_B, w):
+        ctx.save_for_backward(A, anchor_A, B, anchor_B, w)
+        a = (w * (_at_least_fp32(A) - _at_least_fp32(anchor_A)).square().sum(dim=2)).sum()  # rows of A: (e, r, d)
+        b = (w * (_at_least_fp32(B) - _at_least_fp32(anchor_B)).square().sum(dim=1)).sum()  # columns of B: (e, o, r)
+        return torch.stack([a, b])
 
     @staticmethod
     def backward(ctx, grad):
-        x, anchor, w = ctx.saved_tensors
-        diff = _at_least_fp32(x) - _at_least_fp32(anchor)
-        return (diff * (2 * grad * w).unsqueeze(ctx.dim)).to(x.dtype), None, None, None
+        A, anchor_A, B, anchor_B, w = ctx.saved_tensors
+        grad_A = (_at_least_fp32(A) - _at_least_fp32(anchor_A)) * (2 * grad[0] * w).unsqueeze(2)
+        grad_B = (_at_least_fp32(B) - _at_least_fp32(anchor_B)) * (2 * grad[1] * w).unsqueeze(1)
+        return grad_A.to(A.dtype), None, grad_B.to(B.dtype), None, None
 
 
 StabLoss = namedtuple("StabLoss", "total a b")
@@ -429,15 +437,11 @@ def stabilization_loss(model: nn.Module) -> StabLoss:
     layers = [layer for layer in pas_layers(model).values() if layer.cfg.reg != "none"]
     weights = [layer.stab_weights() for layer in layers]  # (e, r) each
     active = torch.stack([w.any() for w in weights]).tolist() if weights else []  # one sync
-    a = b = total = None
-    for layer, w, on in zip(layers, weights, active):
-        if not on:
-            continue
-        la = _WeightedDrift.apply(layer.lora_A, layer.anchor_A, w, 2)  # A: (e, r, d), rows
-        lb = _WeightedDrift.apply(layer.lora_B, layer.anchor_B, w, 1)  # B: (e, o, r), columns
-        part = layer.cfg.lambda_a * la + layer.cfg.lambda_b * lb
-        a, b, total = (la, lb, part) if a is None else (a + la, b + lb, total + part)
-    if a is None:
+    on = [(layer, w) for layer, w, yes in zip(layers, weights, active) if yes]
+    if not on:
         zero = torch.zeros((), device=layers[0].lora_A.device if layers else None)
         return StabLoss(zero, zero, zero)
-    return StabLoss(total, a, b)
+    drift = torch.stack([_WeightedDrift.apply(l.lora_A, l.anchor_A, l.lora_B, l.anchor_B, w) for l, w in on])  # (layers, 2)
+    lambdas = torch.tensor([[l.cfg.lambda_a, l.cfg.lambda_b] for l, _ in on], device=drift.device)
+    a, b = drift.sum(dim=0)
+    return StabLoss((drift * lambdas).sum(), a, b)

@@ -198,7 +198,7 @@ def seed_everything(seed: int) -> None:
 # ---- one task ----
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, n_label_tokens: int, world: int) -> torch.Tensor:
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, n_label_tokens: torch.Tensor | int, world: int) -> torch.Tensor:
     """Next-token cross entropy summed over answer tokens, divided by the global count.
     Times world size, because DDP averages gradients over ranks: the result equals one
     process on the whole global batch. Only the answer positions' logits are cast to fp32
@@ -218,6 +218,13 @@ def batches(examples: list, batch_size: int, seed: int, rank: int, world: int):
             yield [examples[j] for j in chunk[rank::world]]
 
 
+def by_length(examples: list, collate: data.Collator, batch_size: int):
+    """Batches of examples of similar prompt length (less padding) for the passes whose result
+    does not depend on how items are grouped: evaluation, importance, probes."""
+    ordered = sorted(examples, key=lambda ex: collate.length(ex)[0])
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
 def autocast(cfg: RunConfig, device: torch.device):
     """bf16 runs keep fp32 adapters; autocast feeds the GEMMs bf16."""
     if cfg.dtype == "bfloat16":
@@ -225,18 +232,7 @@ def autocast(cfg: RunConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def to_device(batch: dict, device, dtype) -> dict:
-    out = {k: v.to(device) for k, v in batch.items()}
-    if "pixel_values" in out:
-        out["pixel_values"] = out["pixel_values"].to(dtype)
-    return out
-
-
-def model_inputs(collate, examples, device, dtype) -> dict:
-    """A training-format batch without labels: what the importance pass and the probes feed."""
-    batch = to_device(collate.train(examples), device, dtype)
-    batch.pop("labels")
-    return batch
+LOG_EVERY = 25  # steps whose log values are fetched from the device together: one host sync per 25 steps
 
 
 def train_task(cfg, t, task, examples, method, bundle, model, collate, device, log, rank, world):
@@ -252,6 +248,7 @@ def train_task(cfg, t, task, examples, method, bundle, model, collate, device, l
     total, warmup = cfg.epochs * steps_per_epoch, max(1, round(cfg.warmup_ratio * cfg.epochs * steps_per_epoch))
     model.train()
     step = 0
+    pending = []  # (log record without its values, the values as one tensor, their names)
     bar = tqdm(total=total, desc=f"task {t + 1} {task.key}", disable=None if is_main() else True, leave=False)  # no bars in logs or on other ranks
     for epoch in range(cfg.epochs):
         for chunk in batches(examples, cfg.batch_size, cfg.seed * 1000 + t * 100 + epoch, rank, world):
@@ -259,20 +256,18 @@ def train_task(cfg, t, task, examples, method, bundle, model, collate, device, l
                 cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
             for group in opt.param_groups:
                 group["lr"] = lr
-            inputs = to_device(collate.train(chunk), device, bundle.model.dtype)
+            inputs = llava_wrap.to_device(collate.train(chunk), device)
             labels = inputs.pop("labels")
             n_tokens = (labels[:, 1:] != data.IGNORE).sum()
             if world > 1:
                 dist.all_reduce(n_tokens)
             with autocast(cfg, device):
-                logits = model(**inputs).logits
-                loss_task = task_loss(logits, labels, n_tokens.item(), world)
-                extra = method.extra_loss(inputs | {"labels": labels, "logits": logits, "n_tokens": n_tokens.item(), "world": world})
+                embeds = llava_wrap.embed(bundle, inputs)
+                logits = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
+                loss_task = task_loss(logits, labels, n_tokens, world)
+                extra = method.extra_loss(inputs | {"inputs_embeds": embeds, "labels": labels, "logits": logits,
+                                                    "n_tokens": n_tokens, "world": world})
             loss = loss_task + sum(v.to(loss_task.device) for v in extra.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss ({loss.item()}) in task {t + 1} ({task.key}) at step {step + 1}: the "
-                    f"checkpoint of the last completed task is intact; lower --lr or check the data, then --resume")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
             opt.step()
@@ -281,11 +276,29 @@ def train_task(cfg, t, task, examples, method, bundle, model, collate, device, l
             shown = loss_task.detach() / world  # this rank's share of the global mean
             if world > 1:
                 dist.all_reduce(shown)
-            log({"task": task.key, "step": step, "lr": lr, "loss": loss.item(), "task_loss": shown.item(),
-                 **{k: v.item() for k, v in extra.items()}})
+            values = torch.stack([loss.detach(), shown] + [v.detach().to(loss.device) for v in extra.values()])
+            pending.append(({"task": task.key, "step": step, "lr": lr}, values, ["loss", "task_loss", *extra]))
             bar.update()
-            bar.set_postfix(loss=f"{shown.item():.3f}")
+            if len(pending) == LOG_EVERY:
+                flush_log(pending, log, task, t, bar)
+    flush_log(pending, log, task, t, bar)
     bar.close()
+
+
+def flush_log(pending: list, log, task, t: int, bar) -> None:
+    """Write the pending steps' log lines, fetching their values in one transfer, and stop the
+    run at the first non-finite loss among them (the last finished task's checkpoint is intact)."""
+    if not pending:
+        return
+    rows = torch.stack([values for _, values, _ in pending]).tolist()
+    for (record, _, names), row in zip(pending, rows):
+        if not math.isfinite(row[0]):
+            raise FloatingPointError(
+                f"non-finite loss ({row[0]}) in task {t + 1} ({task.key}) at step {record['step']}: the "
+                f"checkpoint of the last completed task is intact; lower --lr or check the data, then --resume")
+        log(record | dict(zip(names, row)))
+    bar.set_postfix(loss=f"{rows[-1][1]:.3f}")
+    pending.clear()
 
 
 def importance_mask(which: str, batch: dict, labels: torch.Tensor, image_id: int) -> torch.Tensor:
@@ -304,31 +317,30 @@ def importance_mask(which: str, batch: dict, labels: torch.Tensor, image_id: int
 def importance_pass(cfg, task, bundle, collate, device, rank, world) -> None:
     """Eq. 9 with the parameters that end the task: every counted token (cfg.importance_tokens)
     of the task's training data counts once (this rank's share; end_task all-reduces the sums)."""
-    model = bundle.model.eval()
-    for i in range(0, len(task.train), cfg.eval_batch_size):
-        examples = task.train[i:i + cfg.eval_batch_size][rank::world]
+    bundle.model.eval()
+    for chunk in by_length(task.train, collate, cfg.eval_batch_size):
+        examples = chunk[rank::world]
         if not examples:
             continue
-        batch = to_device(collate.train(examples), device, bundle.model.dtype)
+        batch = llava_wrap.to_device(collate.train(examples), device)
         labels = batch.pop("labels")
         mask = importance_mask(cfg.importance_tokens, batch, labels, bundle.model.config.image_token_index)
-        with autocast(cfg, device), track_importance(model, token_mask=mask):
-            model(**batch)
+        with autocast(cfg, device), track_importance(bundle.model, token_mask=mask):
+            llava_wrap.forward(bundle, batch)
 
 
 @torch.no_grad()
 def evaluate_task(cfg, task, bundle, collate, device) -> tuple[float, list[dict]]:
-    """Greedy answers on the task's test set, scored with the benchmark's scorer."""
+    """Greedy answers on the task's test set, scored with the benchmark's scorer; rows in the
+    test set's order."""
     metric = evaluate.TASK_METRICS[task.key]
-    rows = []
-    for i in range(0, len(task.test), cfg.eval_batch_size):
-        examples = task.test[i:i + cfg.eval_batch_size]
-        batch = collate.prompts(examples)
+    answers = {}
+    for examples in by_length(task.test, collate, cfg.eval_batch_size):
         with autocast(cfg, device):
-            preds = llava_wrap.generate(bundle, batch, cfg.max_new_tokens)
-        for ex, pred in zip(examples, preds):  # the benchmark's re-scoring reads question_id, prompt and text
-            rows.append({"question_id": ex.id, "prompt": ex.problem, "text": pred, "reference": ex.solution,
-                         "score": evaluate.score(metric, pred, ex.solution)})
+            answers |= zip(examples, llava_wrap.generate(bundle, llava_wrap.to_device(collate.prompts(examples), device),
+                                                         cfg.max_new_tokens))
+    rows = [{"question_id": ex.id, "prompt": ex.problem, "text": answers[ex], "reference": ex.solution,
+             "score": evaluate.score(metric, answers[ex], ex.solution)} for ex in task.test]  # the benchmark's re-scoring reads question_id, prompt, text
     return sum(r["score"] for r in rows) / len(rows), rows
 
 
@@ -336,8 +348,7 @@ def evaluate_task(cfg, task, bundle, collate, device) -> tuple[float, list[dict]
 def probe_gates(cfg, task, bundle, collate, device) -> dict[str, torch.Tensor]:
     """Mixture weights of every PASs layer on the first probe_size test items of a task:
     {layer name: (real tokens, E)}, for the router-drift analysis (paper Fig. 3)."""
-    examples = task.test[:cfg.probe_size]
-    batch = model_inputs(collate, examples, device, bundle.model.dtype)
+    batch = llava_wrap.to_device(collate.train(task.test[:cfg.probe_size]), device)
     mask = batch["attention_mask"].bool()
     gates, hooks = {}, []
     for name, layer in pas_layers(bundle.model).items():
@@ -347,7 +358,7 @@ def probe_gates(cfg, task, bundle, collate, device) -> dict[str, torch.Tensor]:
     bundle.model.eval()
     try:
         with autocast(cfg, device):
-            bundle.model(**batch)
+            llava_wrap.forward(bundle, batch)
     finally:
         for h in hooks:
             h.remove()
@@ -431,7 +442,10 @@ def setup(cfg: RunConfig, resume: Path | None) -> Run:
         cfg = dataclasses.replace(cfg, image_root=str(data.default_image_root(cfg.data_root)))
     tasks = load_tasks(cfg)
     bundle = load_model(cfg, device)
-    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, bundle.load_image, cfg.max_length)
+    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
+    kept = llava_wrap.cache_vision_features(bundle, [ex for t in tasks for ex in t.train + t.test])
+    if is_main():
+        print(kept)
     checked = [None]
     if is_main():
         try:
@@ -444,10 +458,9 @@ def setup(cfg: RunConfig, resume: Path | None) -> Run:
         raise checked[0]
 
     def forward(examples):  # for methods that need passes of their own (EWC, MAS)
-        inputs = to_device(collate.train(examples), device, bundle.model.dtype)
-        labels = inputs.pop("labels")
+        inputs = llava_wrap.to_device(collate.train(examples), device)
         with autocast(cfg, device):
-            return bundle.model(**inputs).logits, labels
+            return llava_wrap.forward(bundle, inputs), inputs["labels"]
 
     method = METHODS[cfg.method][1](cfg, bundle.model, tasks, forward)
     model = data_parallel(bundle.model, device) if world > 1 else bundle.model  # after the method made its parameters

@@ -77,8 +77,8 @@ class TinyLM(nn.Module):
         with torch.no_grad():
             self.out.lora_B.normal_()  # nonzero B: every gradient term is exercised
 
-    def forward(self, input_ids, attention_mask=None):
-        return SimpleNamespace(logits=self.out(self.emb(input_ids)))
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        return SimpleNamespace(logits=self.out(self.emb(input_ids) if inputs_embeds is None else inputs_embeds))
 
 
 def examples(n=4, length=5, seed=1):
@@ -192,7 +192,9 @@ def test_lwf_teacher_is_the_model_before_the_task():
     labels = torch.stack([y for _, y in data_])
     logits = model(input_ids=ids).logits
     n = int((labels[:, 1:] != -100).sum())
-    got = method.extra_loss({"input_ids": ids, "labels": labels, "logits": logits, "n_tokens": n, "world": 1})["distill"]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "inputs_embeds": model.emb(ids), "labels": labels,
+             "logits": logits, "n_tokens": n, "world": 1}
+    got = method.extra_loss(batch)["distill"]
     keep = labels[:, 1:] != -100
     old = before(input_ids=ids).logits[:, :-1][keep].double() / 2
     new = logits[:, :-1][keep].double() / 2

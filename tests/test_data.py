@@ -176,7 +176,7 @@ def test_pretraining_mixture_has_known_words_only():
 
 def collator(max_length=256):
     tok = tiny_tokenizer()
-    return data.Collator(tok, num_image_tokens=3, load_image=lambda im: im, max_length=max_length), tok
+    return data.Collator(tok, num_image_tokens=3, max_length=max_length), tok
 
 
 def test_rendered_prompt_and_label_mask_token_by_token():
@@ -198,7 +198,7 @@ def test_rendered_prompt_and_label_mask_token_by_token():
     m = int(mask[1].sum())
     assert m < n and ids[1, m:].eq(tok.pad_token_id).all() and labels[1, m:].eq(data.IGNORE).all()
     assert tok.convert_tokens_to_ids("<image>") not in ids[1].tolist()
-    assert batch["pixel_values"].shape == (1, 3, 32, 32)  # only the example with an image
+    assert batch["images"] == [ex]  # only the example with an image
     assert tok.decode(ids[1, :m], skip_special_tokens=False) == "<s>USER: Is this hawkish? ASSISTANT: answer: A</s>"
 
 
@@ -208,7 +208,7 @@ def test_prompts_are_left_padded_without_answers():
     batch = col.prompts(exs)
     assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][1].all()
     assert batch["input_ids"][:, -1].tolist() == [tok.convert_tokens_to_ids(":")] * 2  # "ASSISTANT:" ends both
-    assert "pixel_values" not in batch
+    assert batch["images"] == []
 
 
 def test_length_checks_count_cuts_and_refuse_prompts_that_do_not_fit():

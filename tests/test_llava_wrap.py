@@ -30,7 +30,18 @@ def examples(n=4, task="art"):
 
 
 def collator(b, max_length=256):
-    return data.Collator(b.tokenizer, b.num_image_tokens, b.load_image, max_length)
+    return data.Collator(b.tokenizer, b.num_image_tokens, max_length)
+
+
+def loss_of(bundle, batch):
+    return bundle.model(inputs_embeds=lw.embed(bundle, batch), attention_mask=batch["attention_mask"],
+                        labels=batch["labels"]).loss
+
+
+def with_model(bundle, model):
+    other = copy.copy(bundle)
+    other.model = model
+    return other
 
 
 def randomize_adapters(model, seed=0):
@@ -59,10 +70,9 @@ def test_projector_option_trains_it_too(bundle):
 
 def test_logits_equal_unwrapped_model_at_init(bundle, base):
     batch = collator(bundle).train(examples())
-    batch.pop("labels")
     lw.add_adapters(bundle.model, PASsConfig(num_experts=3, rank=2, gate="softmax"), verbose=False)
     with torch.no_grad():  # B = 0 at init; two model instances: fp32 GEMM-level tolerance, not bitwise
-        assert torch.allclose(bundle.model(**batch).logits, base.model(**batch).logits, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(lw.forward(bundle, batch), lw.forward(base, batch), rtol=1e-5, atol=1e-5)
 
 
 def test_a_training_step_lowers_the_loss(bundle):
@@ -71,7 +81,7 @@ def test_a_training_step_lowers_the_loss(bundle):
     opt = torch.optim.AdamW([p for p in bundle.model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(4):
-        loss = bundle.model(**batch).loss
+        loss = loss_of(bundle, batch)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -79,21 +89,19 @@ def test_a_training_step_lowers_the_loss(bundle):
     assert losses[-1] < losses[0]
 
 
-def importance_of(model, batches):
+def importance_of(bundle, batches):
     with torch.no_grad():
         for batch in batches:
-            batch = dict(batch)
-            batch.pop("labels")
-            with track_importance(model, token_mask=batch["attention_mask"].bool()):
-                model(**batch)
-    return {n: (l.task_importance_sum.clone(), l.task_tokens.item()) for n, l in pas_layers(model).items()}
+            with track_importance(bundle.model, token_mask=batch["attention_mask"].bool()):
+                lw.forward(bundle, batch)
+    return {n: (l.task_importance_sum.clone(), l.task_tokens.item()) for n, l in pas_layers(bundle.model).items()}
 
 
 def test_importance_excludes_padding(bundle):
     lw.add_adapters(bundle.model, CFG, verbose=False)
     randomize_adapters(bundle.model)
     col, exs = collator(bundle), examples(3, "art") + examples(2, "fomc")
-    alone = importance_of(bundle.model, [col.train([ex]) for ex in exs])
+    alone = importance_of(bundle, [col.train([ex]) for ex in exs])
     for layer in pas_layers(bundle.model).values():
         layer.task_importance_sum.zero_()
         layer.task_tokens.zero_()
@@ -102,7 +110,7 @@ def test_importance_excludes_padding(bundle):
     pad = torch.full((len(exs), extra), bundle.tokenizer.pad_token_id)
     padded["input_ids"] = torch.cat([padded["input_ids"], pad], 1)
     padded["attention_mask"] = torch.cat([padded["attention_mask"], torch.zeros_like(pad)], 1)
-    together = importance_of(bundle.model, [padded])
+    together = importance_of(bundle, [padded])
     for name, (s, n) in alone.items():
         assert together[name][1] == n
         assert torch.allclose(together[name][0], s, rtol=1e-4, atol=1e-7), name
@@ -115,7 +123,7 @@ def test_importance_counted_once_with_gradient_checkpointing(bundle):
     batch = collator(bundle).train(examples())
     mask = batch["attention_mask"].bool()
     with track_importance(bundle.model, token_mask=mask):
-        bundle.model(**batch).loss.backward()
+        loss_of(bundle, batch).backward()
     layer = next(iter(pas_layers(bundle.model).values()))
     assert layer.task_tokens.item() == mask.sum().item()
     assert layer.lora_B.grad is not None
@@ -124,7 +132,7 @@ def test_importance_counted_once_with_gradient_checkpointing(bundle):
 def test_save_load_round_trip_and_mismatches(bundle, base, tmp_path):
     lw.add_adapters(bundle.model, CFG, verbose=False)
     randomize_adapters(bundle.model)
-    importance_of(bundle.model, [collator(bundle).train(examples())])
+    importance_of(bundle, [collator(bundle).train(examples())])
     end_task(bundle.model)
     path = tmp_path / "a.safetensors"
     lw.save_adapters(bundle.model, path, meta={"task": "art"})
@@ -133,9 +141,8 @@ def test_save_load_round_trip_and_mismatches(bundle, base, tmp_path):
     lw.add_adapters(fresh, CFG, verbose=False)
     assert lw.load_adapters(fresh, path) == {"task": "art"}
     batch = collator(bundle).train(examples())
-    batch.pop("labels")
     with torch.no_grad():  # two model instances: a tolerance, not bitwise (a lost adapter moves logits by far more)
-        assert torch.allclose(fresh(**batch).logits, bundle.model(**batch).logits, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(lw.forward(with_model(bundle, fresh), batch), lw.forward(bundle, batch), rtol=1e-5, atol=1e-5)
     for name, layer in pas_layers(fresh).items():
         other = pas_layers(bundle.model)[name]
         assert torch.equal(layer.importance_agg, other.importance_agg) and torch.equal(layer.anchor_A, other.anchor_A)
@@ -172,7 +179,8 @@ def test_generation_is_batched_with_left_padding(bundle):
 def smallest_top2_margin(bundle, batch, steps):
     model = bundle.model.eval()
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=steps, do_sample=False, output_scores=True,
+        out = model.generate(inputs_embeds=lw.embed(bundle, batch), attention_mask=batch["attention_mask"],
+                             max_new_tokens=steps, do_sample=False, output_scores=True,
                              return_dict_in_generate=True, suppress_tokens=[model.config.image_token_index],
                              pad_token_id=bundle.tokenizer.pad_token_id, eos_token_id=bundle.tokenizer.eos_token_id)
     return min((s.topk(2).values[0, 0] - s.topk(2).values[0, 1]).item() for s in out.scores)
@@ -184,11 +192,41 @@ def test_bf16_base_with_fp32_adapters_under_autocast(bundle):
     layer = next(iter(pas_layers(bundle.model).values()))
     assert layer.lora_A.dtype == torch.float32 and layer.base.weight.dtype == torch.bfloat16
     batch = collator(bundle).train(examples())
-    batch["pixel_values"] = batch["pixel_values"].bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = bundle.model(**batch).loss
+        loss = loss_of(bundle, batch)
     loss.backward()
     assert torch.isfinite(layer.lora_A.grad).all() and layer.lora_A.grad.dtype == torch.float32
+
+
+def test_embeddings_are_what_llava_builds_from_pixels(bundle):
+    # planted bugs: features of another layer than vision_feature_layer, the CLS token kept, the
+    # projector skipped
+    exs = examples(2, "art") + examples(1, "fomc")
+    batch = collator(bundle).train(exs)
+    pixels = torch.stack([bundle.load_image(ex.image) for ex in exs if ex.image is not None])
+    with torch.no_grad():
+        theirs = bundle.model(input_ids=batch["input_ids"], pixel_values=pixels, attention_mask=batch["attention_mask"]).logits
+        assert torch.allclose(lw.forward(bundle, batch), theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_kept_vision_features_give_the_logits_of_computed_ones(bundle):
+    # planted bugs: features kept by position in the batch instead of by example (another batch
+    # then reads the wrong image's), or computed again although kept
+    lw.add_adapters(bundle.model, CFG, verbose=False)
+    exs = examples(4, "art")
+    calls = []
+    bundle.model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    col = collator(bundle)
+    with torch.no_grad():
+        computed = [lw.forward(bundle, col.train(exs[:2])), lw.forward(bundle, col.train(exs[2:]))]
+        assert "kept" in lw.cache_vision_features(bundle, exs) and len(calls) == 2
+        lw.forward(bundle, col.train(exs[:3]))  # keeps items 0-2, in one tower call
+        kept = [lw.forward(bundle, col.train(exs[:2])), lw.forward(bundle, col.train(exs[2:]))]
+    assert len(calls) == 4 and len(bundle.feature_cache) == 4  # item 3 computed once, then kept
+    for a, b in zip(computed, kept):  # other batch groupings: float noise at most
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    bundle.model.model.vision_tower.requires_grad_(True)
+    assert "every step" in lw.cache_vision_features(bundle, exs) and bundle.feature_cache is None
 
 
 def test_module_names_match_llava_7b_layout(bundle):

@@ -85,7 +85,7 @@ def test_token_ids_and_labels_are_the_processors(pipeline, tmp_path, bench):
     ckpt = rf.make_llava_checkpoint(tmp_path / pipeline, tokenizer=pipeline)
     processor = AutoProcessor.from_pretrained(ckpt)
     bundle = llava_wrap.load_llava(str(ckpt), dtype=torch.float32)
-    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, bundle.load_image, 1536)
+    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, 1536)
     tasks = data.load_ctbench(bench[1], order="art,fomc")
     worded = data.Example("fomc", "w", tasks[1].train[0].problem, "The stance is hawkish. answer: A")
     for ex in (tasks[0].train[0], tasks[1].train[0], worded):  # an image task, a text-only one, a worded answer

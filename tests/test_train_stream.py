@@ -74,7 +74,7 @@ def test_the_learning_stream_learns_and_pads(reference_run, cache):
     assert R[0][0] >= 25 and R[1][1] >= 25, R
     cfg = learn(cache, None)
     bundle = ts.load_model(cfg, torch.device("cpu"))
-    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, bundle.load_image, cfg.max_length)
+    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
     fomc = ts.load_tasks(cfg)[0]
     mask = collate.train(fomc.train[:8])["attention_mask"]
     assert (mask == 0).any() and (mask.sum(1) != mask.shape[1]).sum() >= 2
@@ -259,7 +259,7 @@ def test_importance_pass_counts_each_real_token_once(cache):
     cpu = torch.device("cpu")
     cfg = learn(cache, None)
     bundle = ts.load_model(cfg, cpu)
-    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, bundle.load_image, cfg.max_length)
+    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
     fomc = ts.load_tasks(cfg)[0]
     fomc = data.Task(fomc.key, fomc.train[:16], fomc.test)
     layers = pas_layers(bundle.model).values()
@@ -271,7 +271,7 @@ def test_importance_pass_counts_each_real_token_once(cache):
     with torch.no_grad():
         for ex in fomc.train:
             with track_importance(bundle.model):
-                bundle.model(**ts.model_inputs(collate, [ex], cpu, torch.float32))
+                ts.llava_wrap.forward(bundle, collate.train([ex]))
     for (total, tokens), layer in zip(batched, layers):
         assert tokens == layer.task_tokens.item()
         assert torch.allclose(total, layer.task_importance_sum, rtol=1e-4, atol=1e-7)
@@ -283,7 +283,7 @@ def test_importance_tokens_option_counts_what_it_says(cache, which):
     cpu = torch.device("cpu")
     cfg = learn(cache, None, "--importance-tokens", which)
     bundle = ts.load_model(cfg, cpu)
-    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, bundle.load_image, cfg.max_length)
+    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
     art = ts.load_tasks(cfg)[1]  # image task
     art = data.Task(art.key, art.train[:8], art.test)
     ts.importance_pass(cfg, art, bundle, collate, cpu, 0, 1)
