@@ -34,7 +34,9 @@ def make_layer(gate="pas", E=3, r=4, seed=0, **kw):
 
 
 def reference(layer, x, A, B, W, bias, Wg):
-    """Loop over tokens and experts exactly as the paper writes Eq. 3, 6, 7."""
+    """Loop over tokens and experts exactly as the paper writes Eq. 3, 6, 7. Everything it needs comes
+    from the config and the inputs, never from the layer under test (a layer that scaled by alpha
+    instead of alpha / r passed the checks while the scaling was read from it)."""
     cfg = layer.cfg
     outs, gates = [], []
     for h in x.reshape(-1, x.shape[-1]):
@@ -54,7 +56,7 @@ def reference(layer, x, A, B, W, bias, Wg):
             pi = list(ex / ex.sum())
         y = W @ h + bias
         for e in range(cfg.num_experts):
-            y = y + layer.scaling * pi[e] * (B[e] @ (A[e] @ h))
+            y = y + cfg.alpha / cfg.rank * pi[e] * (B[e] @ (A[e] @ h))  # from the config, never from the layer
         outs.append(y)
         gates.append(torch.stack(pi))
     return torch.stack(outs).reshape(*x.shape[:-1], -1), torch.stack(gates).reshape(*x.shape[:-1], -1)
@@ -179,7 +181,7 @@ def test_mask_shape_mismatch_is_a_clear_error():
 
 
 def test_importance_counted_once_under_checkpointing():
-    # Guards the private torch API behind _in_backward: if a torch upgrade changes it, either
+    # Guards the private torch API the layer uses to skip replays: if a torch upgrade changes it, either
     # the replay is counted (20 tokens) or the call fails; the hook proves a replay happened.
     layer = make_layer("pas")
     x = torch.randn(2, 5, D_IN, requires_grad=True)
