@@ -1,26 +1,27 @@
-"""Scoring, continual-learning metrics, reports and figures for PASs-MoE runs.
+"""Scoring, continual-learning metrics, and one run's report and figures.
 
     score(metric, prediction, reference)   one answer, 0-100 (MLLM-CTBench's scorers)
     cl_metrics(R)                          AP, BWT (paper and standard), per-task Acc/Forget
+    paired_difference(a, b)                mean and t-interval of a - b over paired seeds
     report(runs)                           the paper's Table 1 layout, mean +- std over seeds
     analyses(run)                          router drift (Fig. 3), importance concentration and
                                            map (Fig. 8), update size vs importance (Fig. 6)
     figures(run, found)                    the above as PNG, plus loss curves and the matrix
 
     python evaluate.py RUN_DIR [RUN_DIR ...]      print and write report.md (and figures)
-    python evaluate.py --study DIR                 the study's tables and figures (results.md)
 
 R[i][j] is the score on task j after training task i (rows and columns 0-based); null
 cells are tasks not evaluated at that point. Metrics as the paper defines them (DESIGN.md, "Metrics"):
     Acc_t = R[T-1][t]    Forget_t = R[T-1][t] - R[t][t]    AP = mean_t Acc_t
     BWT (paper) = sum_{t<T-1} Forget_t / T    BWT (standard) = same sum / (T-1)
-This file stands alone (no import of the other project files).
+This file stands alone (no import of the other project files). The study's tables are study.py's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 from functools import lru_cache
@@ -190,6 +191,64 @@ def just_trained(R: list[list[float | None]]) -> list[float]:
     """Each task's score right after its own training, R[t][t]; for a run with only its last
     row (joint), the final scores, since every task was trained at the end."""
     return [R[t][t] if R[t][t] is not None else R[-1][t] for t in range(len(R))]
+
+
+# ---- paired comparisons over seeds ----
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for Student's t with df degrees of freedom."""
+    x = df / (df + t * t)
+    a, b = df / 2, 0.5
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    tail = front * _betacf(a, b, x) / a if x < (a + 1) / (a + b + 2) else 1 - front * _betacf(b, a, 1 - x) / b
+    return 1 - tail / 2 if t > 0 else tail / 2
+
+
+@lru_cache(maxsize=None)
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t (bisection on _t_cdf; p in (0.5, 1))."""
+    low, high = 0.0, 1e3
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if _t_cdf(mid, df) < p else (low, mid)
+    return (low + high) / 2
+
+
+def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high) of a - b over paired seeds, with a Student-t interval on the differences.
+
+    a[i] and b[i] come from the same seed (the same data, task order and initialization), so the
+    seed's own effect cancels in a[i] - b[i]: the interval is that of the differences' mean,
+    mean +- t(confidence, n - 1) * sd / sqrt(n). The t-interval holds its coverage at 5 to 20 seeds
+    when the differences are roughly normal; a percentile bootstrap does not (at n = 10 it covers
+    about 90% for a nominal 95%: it draws its width from the sample's own spread and normal-like
+    tails). tests/test_evaluate.py checks both by simulation.
+    """
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired_difference needs two lists of the same length >= 2, got {len(a)} and {len(b)}")
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = statistics.mean(diffs)
+    half = t_quantile(0.5 + confidence / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half
 
 
 # ---- reports ----
@@ -437,281 +496,12 @@ def figures(run: dict, found: dict) -> list[Path]:
     return made
 
 
-# ---- the small-scale study (train_stream.py --study DIR) ----
-
-DEFAULT_LAMBDA_A = 5e-4
-
-
-def _select(runs, **want):
-    return [r for r in runs if all(r["config"].get(k) == v for k, v in want.items())]
-
-
-def _by_setting(runs, key, methods):
-    """Rows per value of `key`, columns AP and BWT per method, mean ± std over seeds."""
-    values = sorted({r["config"][key] for r in runs})
-    head = f"| {key} | " + " | ".join(f"{m} AP | {m} BWT" for m in methods) + " |"
-    lines = [head, "|" + "---|" * (1 + 2 * len(methods))]
-    for v in values:
-        cells = []
-        for m in methods:
-            ms = [r["metrics"] for r in runs if r["config"][key] == v and r["method"] == m]
-            cells += [_pm([x["ap"] for x in ms]), _pm([x["bwt"] for x in ms])]
-        lines.append(f"| {v:g} | " + " | ".join(cells) + " |" if isinstance(v, float) else f"| {v} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def learnability(runs: list[dict], bar: float = 70.0) -> str:
-    """Per task: mean and minimum of R[t][t] over runs, and how many fall below `bar`."""
-    tasks = runs[0]["tasks"]
-    lines = [f"| task | mean R[t][t] | min | runs below {bar:g} |", "|---|---|---|---|"]
-    for t, key in enumerate(tasks):
-        diag = [just_trained(r["R"])[t] for r in runs]
-        lines.append(f"| {key} | {statistics.mean(diag):.1f} | {min(diag):.1f} | {sum(v < bar for v in diag)} of {len(diag)} |")
-    return "\n".join(lines) + "\n"
-
-
-# ---- calibration: does the stream separate methods whose behaviour is known? ----
-
-REFERENCES = ("seqlora", "replay", "joint")
-CALIBRATION = {  # fixed before any method under test was looked at (DESIGN.md, "The sanity stream")
-    "learned": 70.0,  # every task scores at least this right after its own training (joint: at the end)
-    "joint_ap": 80.0,  # the upper bound is high
-    "seqlora_bwt": (-45.0, -10.0),  # sequential fine-tuning forgets clearly, not totally (paper BWT)
-    "replay_gap": 10.0,  # replay's mean AP beats seqlora's by this much, and the seed ranges are apart
-}
-
-
-def _span(values: list[float]) -> str:
-    return f"{statistics.mean(values):.1f} [{min(values):.1f}, {max(values):.1f}]" if values else "-"
-
-
-def calibration(runs: list[dict]) -> str:
-    """Per order: the reference methods' AP, BWT and just-trained scores over seeds (mean
-    [min, max]), and whether each criterion of CALIBRATION holds on every seed."""
-    c = CALIBRATION
-    orders = sorted({r["config"].get("order") for r in runs if r["method"] in REFERENCES})
-    rows = ["| order | method | seeds | AP | BWT | lowest just-trained score |", "|---|---|---|---|---|---|"]
-    checks = [f"| order | every task learned (≥ {c['learned']:g}) | joint AP ≥ {c['joint_ap']:g} "
-              f"| seqlora BWT in [{c['seqlora_bwt'][0]:g}, {c['seqlora_bwt'][1]:g}] "
-              f"| replay AP ≥ seqlora AP + {c['replay_gap']:g}, ranges apart | all |", "|---|---|---|---|---|---|"]
-    for order in orders:
-        by = {m: [r for r in runs if r["method"] == m and r["config"].get("order") == order] for m in REFERENCES}
-        ap = {m: [r["metrics"]["ap"] for r in rs] for m, rs in by.items()}
-        low = {m: [min(just_trained(r["R"])) for r in rs] for m, rs in by.items()}
-        for m, rs in by.items():
-            if rs:
-                bwt = [r["metrics"]["bwt"] for r in rs if r["metrics"]["bwt"] is not None]
-                rows.append(f"| {order} | {m} | {len(rs)} | {_span(ap[m])} | {_span(bwt)} | {min(low[m]):.1f} |")
-        if not all(by.values()):
-            checks.append(f"| {order} | incomplete: needs runs of {', '.join(m for m in REFERENCES if not by[m])} | | | | |")
-            continue
-        lows = [v for m in REFERENCES for v in low[m]]
-        seq_bwt = [r["metrics"]["bwt"] for r in by["seqlora"]]
-        gap = statistics.mean(ap["replay"]) - statistics.mean(ap["seqlora"])
-        verdicts = [
-            (min(lows) >= c["learned"], f"lowest {min(lows):.1f}"),
-            (min(ap["joint"]) >= c["joint_ap"], f"lowest {min(ap['joint']):.1f}"),
-            (all(c["seqlora_bwt"][0] <= b <= c["seqlora_bwt"][1] for b in seq_bwt), f"{min(seq_bwt):.1f} to {max(seq_bwt):.1f}"),
-            (gap >= c["replay_gap"] and min(ap["replay"]) > max(ap["seqlora"]),
-             f"+{gap:.1f}, replay lowest {min(ap['replay']):.1f} vs seqlora highest {max(ap['seqlora']):.1f}"),
-        ]
-        cells = [("yes" if ok else "**NO**") + f" ({why})" for ok, why in verdicts]
-        checks.append(f"| {order} | " + " | ".join(cells) + f" | {'yes' if all(ok for ok, _ in verdicts) else '**NO**'} |")
-    return "\n".join(rows) + "\n\n" + "\n".join(checks) + "\n"
-
-
-# The paper's AP and BWT (LLaVA-1.5-7B on MLLM-CTBench, order A), by our method names: Table 1,
-# except pas-rw (Table 2) and pasmoe-random (Table 7). Printed beside ours, never mixed with them.
-PAPER_AP_BWT = {
-    "seqlora": ("SeqLoRA", 28.24, -22.09), "replay": ("Replay", 42.05, -8.29), "ewc": ("EWC", 30.19, -20.20),
-    "lwf": ("LwF", 30.20, -19.96), "mas": ("MAS", 30.34, -19.36), "olora": ("O-LoRA", 32.52, -19.46),
-    "moelora-topk": ("MoELoRA (Top-k)", 32.38, -15.34), "moelora": ("MoELoRA (Softmax)", 43.36, -6.64),
-    "pas-rw": ("+ PASs-RW (Table 2)", 46.31, -4.24), "pasmoe-random": ("random reg. (Table 7)", 45.12, -4.90),
-    "pasmoe": ("Ours", 48.46, -2.15),
-}
-PAPER_NOT_IMPLEMENTED = {"L2P": (31.65, -14.97), "HiDe-LLaVA": (24.63, -16.16), "DDAS": (37.49, -4.06)}
-
-
-def paper_comparison(runs: list[dict]) -> str:
-    """Our AP and BWT (paper convention; mean [min, max] over seeds) beside the paper's, one
-    row per method. Different model and data: compare orderings, not values."""
-    rows = ["| method | seeds | our AP | our BWT | paper's row | paper AP | paper BWT |", "|---|---|---|---|---|---|---|"]
-    by = {}
-    for r in runs:
-        by.setdefault(r["method"], []).append(r)
-    for method in sorted(by, key=lambda m: statistics.mean(r["metrics"]["ap"] for r in by[m])):
-        rs = by[method]
-        bwt = [r["metrics"]["bwt"] for r in rs if r["metrics"]["bwt"] is not None]
-        name, ap, pb = PAPER_AP_BWT.get(method, ("not in the paper", None, None))
-        paper = f"{ap:.2f} | {pb:.2f}" if ap is not None else "- | -"
-        rows.append(f"| {method} | {len(rs)} | {_span([r['metrics']['ap'] for r in rs])} | {_span(bwt) if bwt else '-'} | {name} | {paper} |")
-    for name, (ap, pb) in PAPER_NOT_IMPLEMENTED.items():
-        rows.append(f"| ({name}: not implemented) | | | | {name} | {ap:.2f} | {pb:.2f} |")
-    return "\n".join(rows) + "\n"
-
-
-def lambda_sweep(runs: list[dict]) -> tuple[str, dict]:
-    """The stability-plasticity frontier: per weighting (pasmoe, pasmoe-random, l2) and per
-    strength (x the default lambda_a and lambda_b; 0 is pas-rw, the same layers without the
-    penalty), the mean over seeds of BWT, final AP and mean just-trained score (plasticity)."""
-    points: dict[str, dict[float, list[dict]]] = {}
-    for r in runs:
-        factor = round(r["config"]["lambda_a"] / DEFAULT_LAMBDA_A, 6)
-        if r["method"] in ("pasmoe", "pasmoe-random", "l2"):
-            points.setdefault(r["method"], {}).setdefault(factor, []).append(r)
-    for m in points:  # the unregularized end of every curve
-        points[m][0.0] = [r for r in runs if r["method"] == "pas-rw"]
-    lines = ["| weighting | λ factor | seeds | AP | BWT | mean just-trained |", "|---|---|---|---|---|---|"]
-    curves = {}
-    for m, by_factor in points.items():
-        curve = []
-        for f in sorted(by_factor):
-            rs = by_factor[f]
-            if not rs:
-                continue
-            ap = [r["metrics"]["ap"] for r in rs]
-            bwt = [r["metrics"]["bwt"] for r in rs]
-            plastic = [statistics.mean(just_trained(r["R"])) for r in rs]
-            lines.append(f"| {m} | {f:g} | {len(rs)} | {_pm(ap)} | {_pm(bwt)} | {_pm(plastic)} |")
-            curve.append((f, statistics.mean(bwt), statistics.mean(ap), statistics.mean(plastic)))
-        curves[m] = curve
-    return "\n".join(lines) + "\n", curves
-
-
-def _frontier_figure(study_dir: Path, curves: dict, refs: list[dict]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, idx, label in ((axes[0], 2, "final AP"), (axes[1], 3, "mean just-trained score (plasticity)")):
-        for m, curve in curves.items():
-            ax.plot([p[1] for p in curve], [p[idx] for p in curve], marker="o", label=m)
-            for p in curve:
-                ax.annotate(f"{p[0]:g}", (p[1], p[idx]), fontsize=6, xytext=(2, 2), textcoords="offset points")
-        for m in ("seqlora", "replay"):
-            rs = [r for r in refs if r["method"] == m]
-            if rs:
-                y = [r["metrics"]["ap"] if idx == 2 else statistics.mean(just_trained(r["R"])) for r in rs]
-                ax.scatter([statistics.mean(r["metrics"]["bwt"] for r in rs)], [statistics.mean(y)], marker="s", label=m)
-        joint = [r["metrics"]["ap"] for r in refs if r["method"] == "joint"]
-        if joint and idx == 2:
-            ax.axhline(statistics.mean(joint), color="grey", ls="--", lw=1, label="joint (upper bound)")
-        ax.set(xlabel="BWT (paper convention; 0 = no forgetting)", ylabel=label)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("stability-plasticity frontier: labels are λ factors (× the paper's λ_A, λ_B)", fontsize=9)
-    fig.tight_layout()
-    path = study_dir / "figures" / "frontier.png"
-    path.parent.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-def study_report(study_dir: str | Path) -> str:
-    """Tables (ablation, order B, experts, lambda_A, mechanisms) and figures of a study."""
-    study_dir = Path(study_dir)
-    runs = [load_run(d) for d in sorted((study_dir / "runs").iterdir()) if (d / "metrics.json").exists()]
-    if not runs:
-        raise FileNotFoundError(f"no finished runs under {study_dir / 'runs'}")
-    commits = sorted({r["config"].get("commit", "unknown") for r in runs})
-    main_runs = _select(runs, order="A", num_experts=6, lambda_a=DEFAULT_LAMBDA_A)
-    parts = [f"Runs: {len(runs)}; commit(s): {', '.join(commits)}.\n"]
-    refs = [r for r in _select(runs, num_experts=6, lambda_a=DEFAULT_LAMBDA_A) if r["method"] in REFERENCES]
-    if refs:
-        parts += ["### Calibration: reference methods, AP and BWT as mean [min, max] over seeds\n", calibration(refs)]
-    if main_runs:
-        parts += ["### Ablation (order A; paper Tables 2 and 7)\n", report(main_runs)]
-        parts += ["### Beside the paper's numbers (theirs: LLaVA-1.5-7B on MLLM-CTBench; ours: the sanity "
-                  "stream; sorted by our AP)\n", paper_comparison(main_runs)]
-        parts += ["### Learnability: score right after training each task, all ablation runs\n", learnability(main_runs)]
-    order_b = _select(runs, order="B", num_experts=6, lambda_a=DEFAULT_LAMBDA_A)
-    if order_b:
-        parts += ["### Order B (paper Table 6)\n", report(order_b)]
-    experts = [r for r in _select(runs, order="A", lambda_a=DEFAULT_LAMBDA_A) if r["method"] in ("moelora", "pasmoe")]
-    if len({r["config"]["num_experts"] for r in experts}) > 1:
-        ranks = sorted({r["config"]["rank"] for r in experts})
-        parts += [f"### Number of experts, rank {'/'.join(map(str, ranks))} per expert (paper Table 3)\n", _by_setting(experts, "num_experts", ["moelora", "pasmoe"])]
-    lam = _select(runs, order="A", num_experts=6)
-    if len({r["config"]["lambda_a"] for r in lam if r["method"] in ("pasmoe", "pasmoe-random", "l2")}) > 1:
-        table, curves = lambda_sweep(lam)
-        parts += ["### λ sweep: the stability-plasticity frontier (paper Fig. 4, widened)\n", table]
-        try:
-            parts.append(f"figure: {_frontier_figure(study_dir, curves, [r for r in main_runs if r['method'] in REFERENCES])}\n")
-        except ImportError:
-            parts.append("(no frontier figure: pip install matplotlib)\n")
-    mech = {}
-    for run in main_runs:
-        found = analyses(run)
-        mech.setdefault(run["method"], []).append(found | {"train_s": sum(run["metrics"].get("train_s", [])),
-                                                           "eval_s": sum(run["metrics"].get("eval_s", []))})
-    if mech:
-        ref = mech.get("moelora")
-        ref_train = statistics.mean(m["train_s"] for m in ref) if ref else None
-        ref_eval = statistics.mean(m["eval_s"] for m in ref) if ref else None
-        lines = ["| method | router drift (JS bits) | top-10% importance share | A-row update top/bottom decile "
-                 "| B-column update top/bottom | train time / moelora | eval time / moelora |", "|---|---|---|---|---|---|---|"]
-        for method, found in mech.items():
-            drift = [f["router_drift"]["mean"] for f in found if "router_drift" in f]
-            share = [100 * f["importance"]["top10_share"] for f in found if "importance" in f]
-            ratio = [f["updates"]["top_over_bottom"] for f in found if "updates" in f]
-            ratio_b = [f["updates_B"]["top_over_bottom"] for f in found if "updates_B" in f]
-            t_train = [f["train_s"] / ref_train for f in found] if ref_train else []
-            t_eval = [f["eval_s"] / ref_eval for f in found] if ref_eval else []
-            lines.append(f"| {method} | {_pm(drift, 4)} | {_pm(share, 1)}% | {_pm(ratio)} | {_pm(ratio_b)} | {_pm(t_train)} | {_pm(t_eval)} |")
-        parts += ["### Mechanisms (order A; paper Fig. 3, 6, 8 and Table 3's times)\n", "\n".join(lines) + "\n"]
-        try:
-            _study_figures(study_dir, mech)
-        except ImportError:
-            parts.append("(no figures: pip install matplotlib)\n")
-    text = "\n".join(parts)
-    (study_dir / "results.md").write_text(text)
-    print(text + f"\nwritten to {study_dir / 'results.md'}")
-    return text
-
-
-def _study_figures(study_dir: Path, mech: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig_dir = study_dir / "figures"
-    fig_dir.mkdir(exist_ok=True)
-    routed = {m: [f["router_drift"]["mean"] for f in fs if "router_drift" in f] for m, fs in mech.items()}
-    routed = {m: v for m, v in routed.items() if v}
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.bar(list(routed), [statistics.mean(v) for v in routed.values()],
-           yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in routed.values()])
-    ax.set(ylabel="JS divergence (bits)", title="router drift on old-task inputs (mean over seeds)")
-    fig.tight_layout()
-    fig.savefig(fig_dir / "router_drift.png", dpi=90)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 3))
-    for method, fs in mech.items():
-        deciles = [f["updates"]["update_by_importance_decile"] for f in fs if "updates" in f]
-        if deciles:
-            ax.plot(range(1, 11), [statistics.mean(col) for col in zip(*deciles)], marker="o", label=method)
-    ax.set(xlabel="old-task importance decile", ylabel="mean ||Δa_ek||", title="update size vs importance")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(fig_dir / "update_vs_importance.png", dpi=90)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="*", type=Path, help="run directories written by train_stream.py")
-    parser.add_argument("--study", type=Path, default=None, help="a study directory (train_stream.py --study): tables and figures")
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories written by train_stream.py")
     parser.add_argument("--out", type=Path, default=None,
                         help="report file (default: RUN_DIR/report.md for one run, else report.md beside the runs)")
     args = parser.parse_args(argv)
-    if args.study:
-        study_report(args.study)
-        return
-    if not args.runs:
-        parser.error("name at least one run directory, or --study DIR")
     runs = [load_run(d) for d in args.runs]
     text = report(runs)
     if len(runs) == 1:

@@ -6,7 +6,6 @@
         --model llava-hf/llava-1.5-7b-hf                    the paper's 7B recipe
     torchrun --nproc_per_node=8 train_stream.py ...         data parallel (DDP)
     python train_stream.py --resume runs/RUN                continue after the last finished task
-    python train_stream.py --study study                    the small-scale study (tables, figures)
 
 Per task: begin_task (fresh AdamW, cosine schedule with warmup), epochs of
     loss = task loss + the method's extra terms        (pasmoe: Eq. 11; baselines.py)
@@ -61,7 +60,7 @@ class RunConfig:
     model: str = "tiny"  # "tiny" (pretrained tiny LLaVA, cached) or a LLaVA-1.5 path / hub name
     cache_dir: str = "cache"  # where the tiny base is cached
     tiny_pretrain_steps: int = 2500  # pretraining steps of the tiny base (part of its cache key)
-    order: str = "A"  # "A", "B" (reverse), "C" (ours, data.ORDERS) or comma-separated task keys
+    order: str = "A"  # "A", "B" (reverse), "C", "D" (ours, data.ORDERS) or comma-separated task keys
     num_experts: int = 6  # E (seqlora: 1 expert of rank num_experts * rank)
     rank: int = 4  # rank per expert
     total_rank: int | None = None  # if set, split across experts: rank = total_rank // num_experts
@@ -89,7 +88,7 @@ class RunConfig:
     clip_norm: float = 1.0
     max_length: int = 256
     n_train: int = 320  # sanity stream: training items per task
-    n_test: int = 48  # sanity stream: test items per task
+    n_test: int = 192  # sanity stream: test items per task (a binomial SE of about 3 points at 80%)
     limit: int | None = None  # keep the first N training and N test items of each task (a smoke run of the whole path)
     eval: str = "full"  # "full" lower triangle, or "diag-last": the new task, and all tasks at the end
     eval_batch_size: int = 48
@@ -589,73 +588,18 @@ def run(cfg: RunConfig, resume: Path | None = None) -> Path:
     return run_.out
 
 
-# ---- the small-scale study: calibration with reference methods, then the paper's comparisons ----
-
-LAMBDA_FACTORS = [1, 10, 100, 1000, 10000]  # x (lambda_a, lambda_b) defaults; factor 0 is pas-rw
-STUDY = {  # part -> (variants: (method, overrides), seeds)
-    "calibration": ([(m, {"order": o}) for o in ("A", "B", "C") for m in evaluate.REFERENCES], 3),  # known behaviour
-    "ablation": ([(m, {}) for m in METHODS], 3),  # paper Tables 2 and 7, plus l2
-    "order-b": ([("moelora", {"order": "B"}), ("pasmoe", {"order": "B"})], 3),  # Table 6
-    "lambda": ([(m, {"lambda_a": f * RunConfig.lambda_a, "lambda_b": f * RunConfig.lambda_b})
-                for f in LAMBDA_FACTORS for m in ("pasmoe", "pasmoe-random", "l2")], 1),  # Fig. 4, widened
-    "experts": ([(m, {"num_experts": E}) for E in (2, 4, 6, 8) for m in ("moelora", "pasmoe")], 1),  # Table 3
-}
-
-
-def study(base: RunConfig, out_dir: Path, parts: list[str]) -> None:
-    """Run every study variant on top of `base` (skipping finished runs, resuming broken
-    ones), then write the tables and figures with evaluate.study_report.
-
-    Several study processes may share one directory (one per core or machine): each run is
-    claimed with a lock file, and a run that another process holds is left to it.
-    """
-    fields = [f.name for f in dataclasses.fields(RunConfig) if f.name != "out"]
-    for part in parts:
-        variants, seeds = STUDY[part]
-        for method, overrides in variants:
-            for seed in range(seeds):
-                cfg = dataclasses.replace(base, method=method, seed=seed, **overrides)
-                name = f"{cfg.method}_order{cfg.order}_E{cfg.num_experts}_la{cfg.lambda_a:g}_s{cfg.seed}"
-                cfg.out = str(out_dir / "runs" / name)
-                run_dir = Path(cfg.out)
-                if (run_dir / "config.json").exists():
-                    saved = json.loads((run_dir / "config.json").read_text())
-                    differ = [f"{k}: {saved.get(k)!r} vs {getattr(cfg, k)!r}" for k in fields if saved.get(k) != getattr(cfg, k)]
-                    if differ:
-                        raise ValueError(f"{run_dir} was made with other settings ({'; '.join(differ)}): use another --study directory")
-                    if (run_dir / "metrics.json").exists():
-                        print(f"[{part}] {name}: done, reused")
-                        continue
-                lock = out_dir / "runs" / f".{name}.lock"
-                lock.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    lock.open("x").close()
-                except FileExistsError:
-                    print(f"[{part}] {name}: skipped, another study process holds {lock} (delete it if none does)")
-                    continue
-                try:
-                    print(f"[{part}] {name}")
-                    run(cfg, resume=run_dir if run_dir.exists() else None)
-                finally:
-                    lock.unlink()
-    evaluate.study_report(out_dir)
-
-
 # ---- command line ----
 
 
-def parse_args(argv=None) -> tuple[RunConfig, Path | None, tuple | None]:
-    """(config, run directory to resume or None, (study directory, parts) or None)."""
+def parse_args(argv=None) -> tuple[RunConfig, Path | None]:
+    """(config, run directory to resume or None)."""
     parser = argparse.ArgumentParser(description="Continual training of LLaVA-1.5 with PASs-MoE and its baselines.")
     parser.add_argument("--resume", type=Path, default=None, help="continue the run in this directory after its last finished task")
-    parser.add_argument("--study", type=Path, default=None,
-                        help="run the small-scale study into this directory (other flags set the shared settings)")
-    parser.add_argument("--parts", nargs="+", default=list(STUDY), choices=list(STUDY), help="study parts to run (default: all)")
     comments = _field_comments()
     for f in dataclasses.fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = {"int": int, "float": float, "str": str, "bool": bool}[f.type.split("|")[0].strip()]
-        help_text = comments.get(f.name, "")
+        help_text = comments.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -664,7 +608,7 @@ def parse_args(argv=None) -> tuple[RunConfig, Path | None, tuple | None]:
                        "importance_tokens": ["all", "text", "answer"]}.get(f.name)
             parser.add_argument(flag, type=kind, default=None, choices=choices, help=f"{help_text} (default: {f.default})")
     args = vars(parser.parse_args(argv))
-    resume, study_dir, parts = args.pop("resume"), args.pop("study"), args.pop("parts")
+    resume = args.pop("resume")
     if resume:
         given = [k for k, v in args.items() if v is not None and k != "image_root"]
         if given:
@@ -672,7 +616,7 @@ def parse_args(argv=None) -> tuple[RunConfig, Path | None, tuple | None]:
                          f"drop {', '.join('--' + k.replace('_', '-') for k in given)}")
         saved = json.loads((resume / "config.json").read_text())
         cfg = RunConfig(**{f.name: saved[f.name] for f in dataclasses.fields(RunConfig)})
-        return dataclasses.replace(cfg, image_root=args["image_root"] or cfg.image_root), resume, None
+        return dataclasses.replace(cfg, image_root=args["image_root"] or cfg.image_root), resume
     preset = dict(PAPER_RECIPE) if args.get("recipe") == "paper" else {}
     if preset and args["alpha"] is None and (args["rank"] or args["total_rank"]):  # keep the recipe's alpha / r = 2
         E = args["num_experts"] or preset["num_experts"]
@@ -680,9 +624,7 @@ def parse_args(argv=None) -> tuple[RunConfig, Path | None, tuple | None]:
     cfg = RunConfig(**(preset | {k: v for k, v in args.items() if v is not None}))
     if cfg.recipe == "paper" and cfg.model == "tiny":
         parser.error("--recipe paper is LLaVA-1.5-7B's: add --model llava-hf/llava-1.5-7b-hf (or a local copy)")
-    if study_dir and (cfg.out or cfg.method != "pasmoe" or cfg.seed != 0):
-        parser.error("--study chooses each run's --method, --seed and --out itself")
-    return cfg, None, (study_dir, parts) if study_dir else None
+    return cfg, None
 
 
 def _field_comments() -> dict[str, str]:
@@ -696,11 +638,7 @@ def _field_comments() -> dict[str, str]:
 
 
 def main(argv=None) -> None:
-    cfg, resume, study_args = parse_args(argv)
-    if study_args:
-        study(cfg, *study_args)
-    else:
-        run(cfg, resume)
+    run(*parse_args(argv))
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -154,7 +154,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(real_run, benc
     assert json.loads((out / "state.json").read_text())["completed"] == 2
     with pytest.raises(SystemExit):
         ts.parse_args(["--resume", str(out), "--lr", "1"])
-    cfg, resume, _ = ts.parse_args(["--resume", str(out), "--image-root", str(moved)])
+    cfg, resume = ts.parse_args(["--resume", str(out), "--image-root", str(moved)])
     ts.run(cfg, resume)
     assert json.loads((out / "config.json").read_text())["image_root"] == str(moved)
     assert json.loads((out / "matrix.json").read_text()) == json.loads((real_run / "matrix.json").read_text())

@@ -41,12 +41,12 @@ def cache(tmp_path_factory):
 
 
 def small(cache, out, *extra):
-    cfg, _, _ = ts.parse_args(SMALL + ["--cache-dir", cache, "--out", str(out), *extra])
+    cfg, _ = ts.parse_args(SMALL + ["--cache-dir", cache, "--out", str(out), *extra])
     return cfg
 
 
 def learn(cache, out, *extra):
-    cfg, _, _ = ts.parse_args(LEARN + ["--cache-dir", cache, "--out", str(out), *extra])
+    cfg, _ = ts.parse_args(LEARN + ["--cache-dir", cache, "--out", str(out), *extra])
     return cfg
 
 
@@ -128,7 +128,7 @@ def test_resume_after_a_crash_in_a_task_equals_an_uninterrupted_run(reference_ru
     monkeypatch.setattr(ts, "task_loss", real_loss)
     assert json.loads((out / "state.json").read_text())["completed"] == 1
 
-    cfg, resume, _ = ts.parse_args(["--resume", str(out)])
+    cfg, resume = ts.parse_args(["--resume", str(out)])
     ts.run(cfg, resume)
     assert json.loads((out / "matrix.json").read_text()) == json.loads((reference_run / "matrix.json").read_text())
     assert_checkpoints_close(out / "ckpt" / "task2.safetensors", reference_run / "ckpt" / "task2.safetensors")
@@ -155,7 +155,7 @@ def test_nan_loss_stops_with_a_clear_message(cache, tmp_path, monkeypatch):
 
 
 def test_command_line_precedence_and_errors(tmp_path):
-    cfg, _, _ = ts.parse_args(["--recipe", "paper", "--model", "some/llava", "--lr", "1e-4"])
+    cfg, _ = ts.parse_args(["--recipe", "paper", "--model", "some/llava", "--lr", "1e-4"])
     assert (cfg.rank, cfg.num_experts, cfg.alpha, cfg.lr, cfg.batch_size, cfg.dtype) == (128, 6, 256.0, 1e-4, 12, "bfloat16")
     with pytest.raises(SystemExit):
         ts.parse_args(["--recipe", "paper"])  # the 7B recipe on the tiny model
@@ -245,7 +245,7 @@ def test_resume_restores_the_methods_own_state(cache, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ts.run(small(cache, out, "--method", "ewc"))
     monkeypatch.setattr(ts, "task_loss", real_loss)
-    ts.run(*ts.parse_args(["--resume", str(out)])[:2])
+    ts.run(*ts.parse_args(["--resume", str(out)]))
     a = [json.loads(line)["consolidation"] for line in (out / "log.jsonl").read_text().splitlines()]
     b = [json.loads(line)["consolidation"] for line in (reference / "log.jsonl").read_text().splitlines()]
     assert a[3] > 0 and a == pytest.approx(b, rel=1e-4)  # a[2]: the first step of task 2, at the anchor

@@ -1,0 +1,425 @@
+"""The small-scale study: is the sanity stream calibrated, and what does it say about the paper's claims?
+
+    python study.py DIR                          every part below, into DIR/runs, then DIR/results.md
+    python study.py DIR --parts calibration      some parts (the others stay as they are)
+    python study.py DIR --report                 only the tables, verdicts and figures of what has run
+
+Runs are resumable, and several study processes may share DIR (one per core; give each
+OMP_NUM_THREADS=1): a run is claimed by a lock file. Other flags of train_stream.py set the
+settings every run shares (e.g. --lr 1.5e-3); a directory made with other settings is refused.
+
+The study, in the order it must be read (README, "Results"; the rules were written there before
+any run of the study was looked at):
+1. calibration: methods whose behaviour is known (REFERENCES) must come out as expected on every
+   order of CALIBRATED_ORDERS, by the fixed criteria of CALIBRATION, in every seed;
+2. the paper's claims (CLAIMS), each a paired comparison over seeds on orders A and B: a seed is
+   the same data, order and initialization for both methods. A claim is supported when the 95%
+   interval of the claimed difference (evaluate.paired_difference) excludes 0 in the claimed
+   direction, contradicted when it excludes 0 in the other, and not resolved otherwise, with the
+   interval's half-width: the smallest difference this study could have resolved;
+3. the other systems of the paper's Table 1, the lambda frontier and the number of experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import evaluate
+import train_stream as ts
+from evaluate import just_trained, load_run, paired_difference
+
+# ---- the plan ----
+
+REFERENCES = ("seqlora", "replay", "joint")
+CALIBRATED_ORDERS = ("A", "B", "C", "D")
+CLAIM_METHODS = ("pasmoe", "moelora", "moelora-topk", "pas-rw", "pasmoe-random", "l2")
+OTHER_METHODS = ("ewc", "mas", "lwf", "olora", "seqft", "l2p", "hide", "ddas")
+WEIGHTINGS = ("pasmoe", "pasmoe-random", "l2")  # Eq. 11 with importance, permuted and uniform weights
+LAMBDA_FACTORS = (10, 100, 1000, 10000)  # x the paper's (lambda_a, lambda_b); 1 is in "claims", 0 is pas-rw
+SHARED = {"eval": "diag-last"}  # AP and BWT need the diagonal and the last row only
+
+PLAN = {  # part -> (variants as (method, overrides), number of seeds)
+    "calibration": ([(m, {"order": o}) for o in CALIBRATED_ORDERS for m in REFERENCES], 5),
+    "claims": ([(m, {"order": o}) for o in ("A", "B") for m in CLAIM_METHODS], 10),
+    "baselines": ([(m, {}) for m in OTHER_METHODS], 3),
+    "lambda": ([(m, {"lambda_a": f * ts.RunConfig.lambda_a, "lambda_b": f * ts.RunConfig.lambda_b})
+                for f in LAMBDA_FACTORS for m in WEIGHTINGS], 3),
+    "experts": ([(m, {"num_experts": E}) for E in (2, 4, 8) for m in ("moelora", "pasmoe")], 3),  # 6 is in "claims"
+}
+
+CALIBRATION = {  # fixed before any method under test was looked at (DESIGN.md, "The sanity stream")
+    "learned": 70.0,  # every task scores at least this right after its own training (joint: at the end)
+    "joint_ap": 80.0,  # the upper bound is high
+    "seqlora_bwt": (-45.0, -10.0),  # sequential fine-tuning forgets clearly, not totally (paper BWT)
+    "replay_gap": 10.0,  # replay's mean AP beats seqlora's by this much, and the seed ranges are apart
+}
+
+# The paper's claims (its sections 5.3-5.5) as differences a - b that the paper says are positive.
+# b may be a number: the value the claim is measured against. Fixed before the study's runs.
+CLAIMS = [
+    ("1", "AP: softmax router above top-k", "ap", "moelora", "moelora-topk"),
+    ("1", "AP: energy gate (PASs-RW) above softmax router", "ap", "pas-rw", "moelora"),
+    ("1", "AP: + PASs-RS above PASs-RW alone", "ap", "pasmoe", "pas-rw"),
+    ("1", "AP: full method above MoELoRA (paper: +5.10)", "ap", "pasmoe", "moelora"),
+    ("1", "BWT: softmax router above top-k", "bwt", "moelora", "moelora-topk"),
+    ("1", "BWT: energy gate above softmax router", "bwt", "pas-rw", "moelora"),
+    ("1", "BWT: + PASs-RS above PASs-RW alone", "bwt", "pasmoe", "pas-rw"),
+    ("2", "AP: importance weights above the same weights permuted (paper: +3.34)", "ap", "pasmoe", "pasmoe-random"),
+    ("2", "BWT: importance weights above permuted", "bwt", "pasmoe", "pasmoe-random"),
+    ("3", "router drift (JS bits): MoELoRA's above PASs-MoE's", "drift", "moelora", "pasmoe"),
+    ("3", "router drift (JS bits): MoELoRA's above the energy gate's alone", "drift", "moelora", "pas-rw"),
+    ("4", "importance: top-10% share of (expert, rank) directions above uniform (10%)", "top10", "pasmoe", 10.0),
+    ("4", "importance: PASs-MoE's top-10% share above MoELoRA's", "top10", "pasmoe", "moelora"),
+    ("5", "update of A rows, least / most important decile above 1", "decile_gap", "pasmoe", 0.0),
+    ("5", "most / least important decile ratio: permuted weights' above importance weights'", "decile", "pasmoe-random", "pasmoe"),
+]
+
+
+# ---- running it ----
+
+
+def run_name(cfg: ts.RunConfig) -> str:
+    return f"{cfg.method}_order{cfg.order}_E{cfg.num_experts}_la{cfg.lambda_a:g}_s{cfg.seed}"
+
+
+def run_study(base: ts.RunConfig, out_dir: Path, parts: list[str]) -> None:
+    """Every run of these parts on top of `base`: finished runs are reused, broken ones resumed,
+    and a run that another study process holds (its lock file) is left to it."""
+    fields = [f.name for f in dataclasses.fields(ts.RunConfig) if f.name != "out"]
+    for part in parts:
+        variants, seeds = PLAN[part]
+        for method, overrides in variants:
+            for seed in range(seeds):
+                cfg = dataclasses.replace(base, method=method, seed=seed, **overrides)
+                cfg.out = str(out_dir / "runs" / run_name(cfg))
+                run_dir, lock = Path(cfg.out), out_dir / "runs" / f".{run_name(cfg)}.lock"
+                if (run_dir / "config.json").exists():
+                    saved = json.loads((run_dir / "config.json").read_text())
+                    differ = [f"{k}: {saved.get(k)!r} vs {getattr(cfg, k)!r}" for k in fields if saved.get(k) != getattr(cfg, k)]
+                    if differ:
+                        raise ValueError(f"{run_dir} was made with other settings ({'; '.join(differ)}): use another directory")
+                    if (run_dir / "metrics.json").exists():
+                        continue
+                lock.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    lock.open("x").close()
+                except FileExistsError:
+                    print(f"[{part}] {run_name(cfg)}: another study process holds {lock} (delete it if none does)")
+                    continue
+                try:
+                    print(f"[{part}] {run_name(cfg)}")
+                    ts.run(cfg, resume=run_dir if run_dir.exists() else None)
+                finally:
+                    lock.unlink()
+
+
+# ---- reading it ----
+
+
+def select(runs: list[dict], method: str | None = None, **want) -> list[dict]:
+    """Runs of a method (any, if None) whose config has the wanted values; the defaults of the
+    main comparison (E = 6, the paper's lambda) unless overridden."""
+    want = {"num_experts": 6, "lambda_a": ts.RunConfig.lambda_a} | want
+    return sorted((r for r in runs if (method is None or r["method"] == method)
+                   and all(r["config"].get(k) == v for k, v in want.items())), key=lambda r: r["config"]["seed"])
+
+
+def _value(run: dict, what: str) -> float | None:
+    """One quantity of one run: AP or BWT, or from its analyses (None where it has none)."""
+    if what in ("ap", "bwt"):
+        return run["metrics"][what]
+    found = run.setdefault("analyses", evaluate.analyses(run))
+    if what == "drift":
+        return found["router_drift"]["mean"] if "router_drift" in found else None
+    if what == "top10":
+        return 100 * found["importance"]["top10_share"] if "importance" in found else None
+    ratio = found["updates"]["top_over_bottom"] if "updates" in found else None  # most / least important decile
+    return None if ratio is None else ratio if what == "decile" else 1 / ratio - 1
+
+
+def _values(runs: list[dict], what: str) -> dict[int, float]:
+    """{seed: value} of one quantity over runs of one method."""
+    return {r["config"]["seed"]: v for r in runs if (v := _value(r, what)) is not None}
+
+
+def _cells(values: list[float], digits: int = 1) -> str:
+    return " ".join(f"{v:.{digits}f}" for v in values)
+
+
+def calibration(runs: list[dict]) -> str:
+    """Per order: every seed's AP, BWT and lowest just-trained score of the reference methods, and
+    whether each criterion of CALIBRATION holds in every seed."""
+    c = CALIBRATION
+    rows = ["| order | method | seeds | AP, each seed | AP mean | BWT, each seed | lowest just-trained |", "|---|---|---|---|---|---|---|"]
+    checks = [f"| order | every task learned (≥ {c['learned']:g}) | joint AP ≥ {c['joint_ap']:g} | seqlora BWT in "
+              f"[{c['seqlora_bwt'][0]:g}, {c['seqlora_bwt'][1]:g}] | replay AP ≥ seqlora AP + {c['replay_gap']:g}, ranges "
+              f"apart | all |", "|---|---|---|---|---|---|"]
+    for order in sorted({r["config"]["order"] for r in runs if r["method"] in REFERENCES}):
+        by = {m: select(runs, m, order=order) for m in REFERENCES}
+        ap = {m: [r["metrics"]["ap"] for r in rs] for m, rs in by.items()}
+        low = {m: [min(just_trained(r["R"])) for r in rs] for m, rs in by.items()}
+        for m, rs in by.items():
+            bwt = [r["metrics"]["bwt"] for r in rs if r["metrics"]["bwt"] is not None]
+            if rs:
+                rows.append(f"| {order} | {m} | {len(rs)} | {_cells(ap[m])} | {statistics.mean(ap[m]):.1f} | "
+                            f"{_cells(bwt) or '-'} | {min(low[m]):.1f} |")
+        if not all(by.values()):
+            checks.append(f"| {order} | incomplete: needs runs of {', '.join(m for m in REFERENCES if not by[m])} | | | | |")
+            continue
+        seq_bwt, gap = [r["metrics"]["bwt"] for r in by["seqlora"]], statistics.mean(ap["replay"]) - statistics.mean(ap["seqlora"])
+        lows = [v for m in REFERENCES for v in low[m]]
+        verdicts = [
+            (min(lows) >= c["learned"], f"lowest {min(lows):.1f}"),
+            (min(ap["joint"]) >= c["joint_ap"], f"lowest {min(ap['joint']):.1f}"),
+            (all(c["seqlora_bwt"][0] <= b <= c["seqlora_bwt"][1] for b in seq_bwt), f"{min(seq_bwt):.1f} to {max(seq_bwt):.1f}"),
+            (gap >= c["replay_gap"] and min(ap["replay"]) > max(ap["seqlora"]),
+             f"+{gap:.1f}, replay lowest {min(ap['replay']):.1f}, seqlora highest {max(ap['seqlora']):.1f}"),
+        ]
+        cells = [("yes" if ok else "**NO**") + f" ({why})" for ok, why in verdicts]
+        checks.append(f"| {order} | " + " | ".join(cells) + f" | {'yes' if all(ok for ok, _ in verdicts) else '**NO**'} |")
+    return "\n".join(rows) + "\n\n" + "\n".join(checks) + "\n"
+
+
+def verdict(mean: float, low: float, high: float) -> str:
+    """The rule fixed before the runs: supported if the interval excludes 0 in the claimed
+    (positive) direction, contradicted if it excludes 0 in the other, else not resolved."""
+    return "supported" if low > 0 else "contradicted" if high < 0 else f"not resolved (±{(high - low) / 2:.2f})"
+
+
+def claims(runs: list[dict]) -> str:
+    """Each claim on orders A and B: every seed's difference, its mean and 95% paired t-interval, the verdict."""
+    rows = ["| claim | what | order | seeds | a − b, each seed | mean [95% interval] | verdict |", "|---|---|---|---|---|---|---|"]
+    for claim, what, metric, a, b in CLAIMS:
+        for order in ("A", "B"):
+            va = _values(select(runs, a, order=order), metric)
+            vb = _values(select(runs, b, order=order), metric) if isinstance(b, str) else {s: b for s in va}
+            seeds = sorted(set(va) & set(vb))
+            if len(seeds) < 2:
+                rows.append(f"| {claim} | {what} | {order} | {len(seeds)} | | | needs runs |")
+                continue
+            mean, low, high = paired_difference([va[s] for s in seeds], [vb[s] for s in seeds])
+            digits = 4 if metric == "drift" else 2
+            rows.append(f"| {claim} | {what} | {order} | {len(seeds)} | {_cells([va[s] - vb[s] for s in seeds], digits)} | "
+                        f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] | {verdict(mean, low, high)} |")
+    return "\n".join(rows) + "\n"
+
+
+def per_seed(runs: list[dict], methods, order: str, metric: str = "ap") -> str:
+    """Every seed's value of a metric per method, with the mean and a 95% t-interval of the mean."""
+    rows = [f"| method | seeds | {metric.upper()}, each seed | mean [95% interval] |", "|---|---|---|---|"]
+    for m in methods:
+        values = list(_values(select(runs, m, order=order), metric).values())
+        if len(values) > 1:
+            mean, low, high = paired_difference(values, [0.0] * len(values))
+            rows.append(f"| {m} | {len(values)} | {_cells(values)} | {mean:.1f} [{low:.1f}, {high:.1f}] |")
+        elif values:
+            rows.append(f"| {m} | 1 | {values[0]:.1f} | {values[0]:.1f} |")
+    return "\n".join(rows) + "\n"
+
+
+# The paper's AP and BWT (LLaVA-1.5-7B on MLLM-CTBench, order A), by our method names: Table 1,
+# except pas-rw (Table 2) and pasmoe-random (Table 7). Printed beside ours, never mixed with them.
+PAPER_AP_BWT = {
+    "seqft": ("SeqFT", 36.39, -15.27), "seqlora": ("SeqLoRA", 28.24, -22.09), "replay": ("Replay", 42.05, -8.29),
+    "ewc": ("EWC", 30.19, -20.20), "lwf": ("LwF", 30.20, -19.96), "mas": ("MAS", 30.34, -19.36),
+    "l2p": ("L2P", 31.65, -14.97), "olora": ("O-LoRA", 32.52, -19.46), "hide": ("HiDe-LLaVA", 24.63, -16.16),
+    "ddas": ("DDAS", 37.49, -4.06), "moelora-topk": ("MoELoRA (Top-k)", 32.38, -15.34),
+    "moelora": ("MoELoRA (Softmax)", 43.36, -6.64), "pas-rw": ("+ PASs-RW (Table 2)", 46.31, -4.24),
+    "pasmoe-random": ("random reg. (Table 7)", 45.12, -4.90), "pasmoe": ("Ours", 48.46, -2.15),
+}
+
+
+def paper_comparison(runs: list[dict]) -> str:
+    """Our AP and BWT (mean and 95% interval over seeds) beside the paper's, one row per method,
+    sorted by our AP. Different model and data: compare orderings, not values."""
+    rows = ["| method | seeds | our AP | our BWT | paper's row | paper AP | paper BWT |", "|---|---|---|---|---|---|---|"]
+    by = {}
+    for r in runs:
+        by.setdefault(r["method"], []).append(r)
+
+    def interval(values):
+        if len(values) < 2:
+            return f"{values[0]:.1f}" if values else "-"
+        mean, low, high = paired_difference(values, [0.0] * len(values))
+        return f"{mean:.1f} [{low:.1f}, {high:.1f}]"
+
+    for method in sorted(by, key=lambda m: statistics.mean(r["metrics"]["ap"] for r in by[m])):
+        rs = by[method]
+        name, ap, bwt = PAPER_AP_BWT.get(method, ("not in the paper", None, None))
+        ours = [interval([r["metrics"][k] for r in rs if r["metrics"][k] is not None]) for k in ("ap", "bwt")]
+        paper = f"{ap:.2f} | {bwt:.2f}" if ap is not None else "- | -"
+        rows.append(f"| {method} | {len(rs)} | {ours[0]} | {ours[1]} | {name} | {paper} |")
+    return "\n".join(rows) + "\n"
+
+
+def task_identification(runs: list[dict]) -> str:
+    """For methods that pick an expert by identifying the task (HiDe-LLaVA, DDAS): how often the
+    pick is right on each task's test items, per seed (metrics.json, "task_id_accuracy")."""
+    rows = ["| method | seed | " + " | ".join(runs[0]["tasks"]) + " | mean |", "|---|---|" + "---|" * (len(runs[0]["tasks"]) + 1)]
+    for r in runs:
+        acc = r["metrics"].get("task_id_accuracy")
+        if acc:
+            cells = [f"{acc[k]:.1f}" if acc.get(k) is not None else "-" for k in r["tasks"]]
+            rows.append(f"| {r['method']} | {r['config']['seed']} | " + " | ".join(cells) + f" | {statistics.mean(acc.values()):.1f} |")
+    return "\n".join(rows) + "\n" if len(rows) > 2 else ""
+
+
+def lambda_frontier(runs: list[dict]) -> tuple[str, dict]:
+    """Per weighting and strength (x the paper's lambdas; 0 is pas-rw): every seed's BWT, and the
+    means of BWT, AP and the mean just-trained score (plasticity)."""
+    rows = ["| weighting | λ factor | seeds | BWT, each seed | BWT | AP | mean just-trained |", "|---|---|---|---|---|---|---|"]
+    curves = {}
+    for m in WEIGHTINGS:
+        curve = []
+        for factor in (0, 1, *LAMBDA_FACTORS):
+            rs = select(runs, "pas-rw", order="A") if factor == 0 else select(
+                runs, m, order="A", lambda_a=factor * ts.RunConfig.lambda_a)
+            if not rs:
+                continue
+            bwt, ap = [r["metrics"]["bwt"] for r in rs], [r["metrics"]["ap"] for r in rs]
+            plastic = [statistics.mean(just_trained(r["R"])) for r in rs]
+            rows.append(f"| {m} | {factor:g} | {len(rs)} | {_cells(bwt)} | {statistics.mean(bwt):.1f} | "
+                        f"{statistics.mean(ap):.1f} | {statistics.mean(plastic):.1f} |")
+            curve.append((factor, statistics.mean(bwt), statistics.mean(ap), statistics.mean(plastic)))
+        curves[m] = curve
+    return "\n".join(rows) + "\n", curves
+
+
+def experts(runs: list[dict]) -> str:
+    rows = ["| E | method | seeds | AP, each seed | AP | BWT |", "|---|---|---|---|---|---|"]
+    for E in (2, 4, 6, 8):
+        for m in ("moelora", "pasmoe"):
+            rs = select(runs, m, order="A", num_experts=E)
+            if rs:
+                ap, bwt = [r["metrics"]["ap"] for r in rs], [r["metrics"]["bwt"] for r in rs]
+                rows.append(f"| {E} | {m} | {len(rs)} | {_cells(ap)} | {statistics.mean(ap):.1f} | {statistics.mean(bwt):.1f} |")
+    return "\n".join(rows) + "\n"
+
+
+def mechanisms(runs: list[dict]) -> str:
+    """Router drift, importance concentration and update size by importance decile (A rows and
+    B columns), per method on order A: mean and 95% interval over seeds."""
+    rows = ["| method | seeds | router drift (JS bits) | top-10% importance share (%) | A rows: most / least important "
+            "decile update | B columns: the same |", "|---|---|---|---|---|---|"]
+    for m in CLAIM_METHODS:
+        rs = select(runs, m, order="A")
+        if not rs:
+            continue
+        cells = []
+        for key, digits in (("drift", 4), ("top10", 1), ("decile", 2), ("decile_B", 2)):
+            if key == "decile_B":
+                values = [r.setdefault("analyses", evaluate.analyses(r))["updates_B"]["top_over_bottom"] for r in rs]
+            else:
+                values = list(_values(rs, key).values()) if m != "pas-rw" or key != "decile" else []
+            if len(values) > 1:
+                mean, low, high = paired_difference(values, [0.0] * len(values))
+                cells.append(f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]")
+            else:
+                cells.append("-")
+        rows.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def learnability(runs: list[dict], bar: float = 70.0) -> str:
+    """Per task: mean and minimum of R[t][t] over runs, and how many fall below `bar`."""
+    lines = [f"| task | mean R[t][t] | min | runs below {bar:g} |", "|---|---|---|---|"]
+    for t, key in enumerate(runs[0]["tasks"]):
+        diag = [just_trained(r["R"])[t] for r in runs]
+        lines.append(f"| {key} | {statistics.mean(diag):.1f} | {min(diag):.1f} | {sum(v < bar for v in diag)} of {len(diag)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _frontier_figure(study_dir: Path, curves: dict, refs: list[dict]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, idx, label in ((axes[0], 2, "final AP"), (axes[1], 3, "mean just-trained score (plasticity)")):
+        for m, curve in curves.items():
+            ax.plot([p[1] for p in curve], [p[idx] for p in curve], marker="o", label=m)
+            for p in curve:
+                ax.annotate(f"{p[0]:g}", (p[1], p[idx]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        for m in ("seqlora", "replay"):
+            rs = [r for r in refs if r["method"] == m]
+            if rs:
+                y = [r["metrics"]["ap"] if idx == 2 else statistics.mean(just_trained(r["R"])) for r in rs]
+                ax.scatter([statistics.mean(r["metrics"]["bwt"] for r in rs)], [statistics.mean(y)], marker="s", label=m)
+        joint = [r["metrics"]["ap"] for r in refs if r["method"] == "joint"]
+        if joint and idx == 2:
+            ax.axhline(statistics.mean(joint), color="grey", ls="--", lw=1, label="joint (upper bound)")
+        ax.set(xlabel="BWT (paper convention; 0 = no forgetting)", ylabel=label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("stability-plasticity frontier: labels are λ factors (× the paper's λ_A, λ_B)", fontsize=9)
+    fig.tight_layout()
+    path = study_dir / "figures" / "frontier.png"
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def report(study_dir: str | Path) -> str:
+    """Every table of the study (results.md in the study directory) and the frontier figure."""
+    study_dir = Path(study_dir)
+    runs = [load_run(d) for d in sorted((study_dir / "runs").iterdir()) if (d / "metrics.json").exists()]
+    if not runs:
+        raise FileNotFoundError(f"no finished runs under {study_dir / 'runs'}")
+    commits = sorted({r["config"].get("commit", "unknown") for r in runs})
+    seconds = sum(sum(r["metrics"].get("train_s", [])) + sum(r["metrics"].get("eval_s", [])) for r in runs)
+    parts = [f"Runs: {len(runs)}; commit(s): {', '.join(commits)}; training and evaluation time summed over the runs: "
+             f"{seconds / 3600:.1f} h of process time.\n"]
+    order_a = select(runs, order="A")
+    sections = [
+        ("Calibration: the reference methods on every order", calibration([r for r in select(runs) if r["method"] in REFERENCES])),
+        ("The paper's claims: paired differences over seeds, and the verdicts", claims(runs)),
+        ("AP of every seed, order A", per_seed(runs, REFERENCES + CLAIM_METHODS + OTHER_METHODS, "A")),
+        ("AP of every seed, order B", per_seed(runs, REFERENCES + CLAIM_METHODS, "B")),
+        ("Ablation, order A (the paper's Table 1 layout, mean ± std)", evaluate.report(order_a) if order_a else ""),
+        ("Beside the paper's numbers (theirs: LLaVA-1.5-7B on MLLM-CTBench; ours: the sanity stream, order A)",
+         paper_comparison(order_a)),
+        ("Task identification by HiDe-LLaVA and DDAS (% of each task's test items given their own task's expert)",
+         task_identification([r for r in order_a if r["metrics"].get("task_id_accuracy")]) if any(
+             r["metrics"].get("task_id_accuracy") for r in order_a) else ""),
+        ("Mechanisms, order A (paper Fig. 3, 6, 8)", mechanisms(runs)),
+        ("Number of experts, order A (paper Table 3)", experts(runs)),
+        ("Learnability: score right after each task's own training, order A", learnability(order_a) if order_a else ""),
+    ]
+    table, curves = lambda_frontier(runs)
+    sections.append(("λ frontier, order A (paper Fig. 4, widened)", table))
+    for title, body in sections:
+        if body.strip():
+            parts += [f"### {title}\n", body]
+    try:
+        parts.append(f"figure: {_frontier_figure(study_dir, curves, [r for r in order_a if r['method'] in REFERENCES])}\n")
+    except ImportError:
+        parts.append("(no frontier figure: pip install matplotlib)\n")
+    text = "\n".join(parts)
+    (study_dir / "results.md").write_text(text)
+    print(text + f"\nwritten to {study_dir / 'results.md'}")
+    return text
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Other flags are train_stream.py's: the settings every run shares.")
+    parser.add_argument("dir", type=Path, help="the study directory (runs/, results.md, figures/)")
+    parser.add_argument("--parts", nargs="+", default=list(PLAN), choices=list(PLAN), help="parts to run (default: all)")
+    parser.add_argument("--report", action="store_true", help="only write the tables and figures of the finished runs")
+    args, shared = parser.parse_known_args(argv)
+    if not args.report:
+        base, resume = ts.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in SHARED.items()] + shared)
+        if resume or base.out or base.method != "pasmoe" or base.seed != 0:
+            parser.error("the study chooses each run's --method, --seed and --out itself; --resume does not apply")
+        run_study(base, args.dir, args.parts)
+    report(args.dir)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,145 @@
+"""study.py's tables and verdicts, and evaluate.paired_difference, on hand-built run directories
+and on simulated seeds."""
+
+import json
+import random
+import statistics
+
+import pytest
+import torch
+
+import study
+from evaluate import load_run, paired_difference, t_quantile
+
+DEFAULT_LA = 5e-4
+
+
+def write_run(path, method, seed, R, order="A", tasks=("x", "y"), **config):
+    path.mkdir(parents=True)
+    (path / "matrix.json").write_text(json.dumps({"tasks": list(tasks), "R": R}))
+    (path / "config.json").write_text(json.dumps({"method": method, "seed": seed, "order": order, "num_experts": 6,
+                                                  "lambda_a": DEFAULT_LA} | config))
+    return load_run(path)
+
+
+# ---- paired comparisons ----
+
+
+@pytest.mark.parametrize("df, expected", [(1, 12.706205), (4, 2.776445), (9, 2.262157), (19, 2.093024)])
+def test_t_quantiles_match_the_tables(df, expected):
+    # planted bug: the normal quantile 1.96 in place of Student's t (too narrow at few seeds)
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("n", [5, 10, 20])
+def test_paired_interval_has_its_coverage_at_5_to_20_seeds(n):
+    # planted bugs: z instead of t (covers ~88% at n = 5), sd / n instead of sd / sqrt(n)
+    rng = random.Random(n)
+    hits = 0
+    for _ in range(3000):
+        a = [rng.gauss(2.0, 1.0) for _ in range(n)]
+        b = [x - rng.gauss(0.7, 1.5) for x in a]  # a - b ~ N(0.7, 1.5)
+        _, low, high = paired_difference(a, b)
+        hits += low <= 0.7 <= high
+    assert 0.935 <= hits / 3000 <= 0.965  # 3000 sets: a binomial SE of 0.4 points
+
+
+def test_a_percentile_bootstrap_would_under_cover_at_10_seeds():
+    # why paired_difference uses a t-interval (its docstring): the plain percentile bootstrap of
+    # the mean difference covers clearly less than 95% at n = 10
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(2000, 10, generator=g)  # differences, true mean 0
+    resampled = d.gather(1, torch.randint(0, 10, (2000, 1000, 10), generator=g).flatten(1)).view(2000, 1000, 10).mean(-1)
+    low, high = resampled.quantile(0.025, dim=1), resampled.quantile(0.975, dim=1)
+    assert ((low <= 0) & (0 <= high)).float().mean() < 0.93
+
+
+def test_pairing_narrows_the_interval_when_seeds_are_correlated():
+    # planted bug: an unpaired (two-sample) interval, which keeps each seed's own effect
+    rng = random.Random(1)
+    seed_effect = [rng.gauss(0, 5.0) for _ in range(10)]  # data and initialization move both methods
+    a = [s + 1.0 + rng.gauss(0, 0.5) for s in seed_effect]
+    b = [s + rng.gauss(0, 0.5) for s in seed_effect]
+    _, low, high = paired_difference(a, b)
+    unpaired = t_quantile(0.975, 18) * (statistics.variance(a) / 10 + statistics.variance(b) / 10) ** 0.5
+    assert low > 0 and (high - low) / 2 < unpaired / 4
+
+
+def test_verdicts_follow_the_rule_written_before_the_runs():
+    assert study.verdict(2.0, 0.5, 3.5) == "supported"
+    assert study.verdict(-2.0, -3.5, -0.5) == "contradicted"
+    assert study.verdict(0.5, -1.0, 2.0) == "not resolved (±1.50)"
+
+
+def test_claims_pair_runs_by_seed(tmp_path):
+    # planted bugs: differences taken between different seeds (sorted by value), or a claim
+    # read in the wrong direction
+    runs = []
+    for seed, (pas, moe) in enumerate([(80, 70), (90, 82), (70, 61), (60, 52)]):
+        runs.append(write_run(tmp_path / f"p{seed}", "pasmoe", seed, [[pas, None], [pas, pas]]))
+        runs.append(write_run(tmp_path / f"m{seed}", "moelora", seed, [[moe, None], [moe, moe]]))
+    rows = [line for line in study.claims(runs).splitlines() if "full method above MoELoRA" in line and "| A |" in line]
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert cells[3] == "4" and cells[4] == "10.00 8.00 9.00 8.00" and cells[6] == "supported"
+    mean, low, high = paired_difference([80, 90, 70, 60], [70, 82, 61, 52])
+    assert cells[5] == f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+# ---- the other tables ----
+
+
+def test_learnability_counts_diagonal_cells_below_the_bar(tmp_path):
+    runs = [write_run(tmp_path / f"r{i}", "pasmoe", i, R)
+            for i, R in enumerate([[[80.0, None], [10.0, 60.0]], [[90.0, None], [10.0, 100.0]]])]
+    rows = study.learnability(runs).splitlines()[2:]
+    assert rows == ["| x | 85.0 | 80.0 | 0 of 2 |", "| y | 80.0 | 60.0 | 1 of 2 |"]
+
+
+def calibration_runs(tmp_path, seq, rep, joint, order="A"):
+    """Two-task runs of the reference methods: seq and rep are (R[0][0], R[1][0], R[1][1]) per
+    seed, joint the final row per seed."""
+    runs = []
+    for method, rows in (("seqlora", seq), ("replay", rep)):
+        for i, (d0, f0, d1) in enumerate(rows):
+            runs.append(write_run(tmp_path / f"{method}{order}{i}", method, i, [[d0, None], [f0, d1]], order=order))
+    for i, final in enumerate(joint):
+        runs.append(write_run(tmp_path / f"joint{order}{i}", "joint", i, [[None, None], final], order=order))
+    return runs
+
+
+def test_calibration_passes_a_calibrated_stream_and_names_each_failure(tmp_path):
+    # planted bugs: a criterion checked on the mean instead of every seed, replay ranges that
+    # overlap counted as apart, joint's missing diagonal read as 0
+    good = calibration_runs(tmp_path, seq=[(90, 40, 90), (90, 50, 80)], rep=[(90, 80, 90), (90, 75, 85)],
+                            joint=[[90, 85], [85, 90]])
+    text = study.calibration(good)
+    assert text.splitlines()[-1].endswith("| yes |")  # seqlora BWT -25 and -20; replay AP 85, 80 vs 65, 65
+    assert "| A | joint | 2 | 87.5 87.5 | 87.5 | - | 85.0 |" in text  # every seed's AP listed
+    bad = calibration_runs(tmp_path / "bad", seq=[(90, 40, 90), (91, 0, 80)], rep=[(90, 80, 90), (90, 45, 85)],
+                           joint=[[90, 85], [72, 74]], order="B")
+    cells = [c.strip() for c in study.calibration(bad).splitlines()[-1].split("|")[1:-1]]
+    assert cells[0] == "B" and cells[1].startswith("yes")  # one seqlora seed forgets everything (BWT -45.5),
+    assert cells[2].startswith("**NO**") and cells[3].startswith("**NO**") and cells[4].startswith("**NO**")
+    assert cells[5] == "**NO**"  # one replay seed overlaps seqlora's, one joint seed is low
+
+
+def test_lambda_frontier_puts_pas_rw_at_factor_zero(tmp_path):
+    # planted bug: factors read from the wrong field, or the unregularized end of the curve missing
+    runs = [write_run(tmp_path / "a", "pasmoe", 0, [[80.0, None], [70.0, 60.0]], lambda_a=10 * DEFAULT_LA),
+            write_run(tmp_path / "b", "l2", 0, [[80.0, None], [40.0, 90.0]]),
+            write_run(tmp_path / "c", "pas-rw", 0, [[90.0, None], [10.0, 90.0]])]
+    table, curves = study.lambda_frontier(runs)
+    assert curves["pasmoe"] == [(0, -40.0, 50.0, 90.0), (10, -5.0, 65.0, 70.0)]
+    assert curves["l2"] == [(0, -40.0, 50.0, 90.0), (1, -20.0, 65.0, 85.0)]
+    assert "| pasmoe | 10 | 1 | -5.0 | -5.0 | 65.0 | 70.0 |" in table
+
+
+def test_paper_comparison_puts_ours_and_the_papers_side_by_side(tmp_path):
+    # planted bugs: the paper's numbers printed as ours, a BWT invented for joint, rows unsorted
+    runs = [write_run(tmp_path / "s0", "seqlora", 0, [[80.0, None], [20.0, 90.0]]),  # AP 55, BWT -30
+            write_run(tmp_path / "s1", "seqlora", 1, [[80.0, None], [40.0, 90.0]]),  # AP 65, BWT -20
+            write_run(tmp_path / "j", "joint", 0, [[None, None], [90.0, 90.0]])]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in study.paper_comparison(runs).splitlines()[2:]]
+    mean, low, high = paired_difference([55.0, 65.0], [0.0, 0.0])
+    assert rows[0] == ["seqlora", "2", f"{mean:.1f} [{low:.1f}, {high:.1f}]", rows[0][3], "SeqLoRA", "28.24", "-22.09"]
+    assert rows[1] == ["joint", "1", "90.0", "-", "not in the paper", "-", "-"]
