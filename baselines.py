@@ -1,15 +1,18 @@
 """Continual-learning methods behind one small seam, and the reference methods around PASs-MoE.
 
 The loop in train_stream.py is the same for every method. A method is an object that it
-calls at four points; the default hooks are plain sequential fine-tuning:
+calls at these points; the default hooks are plain sequential fine-tuning:
 
     for t, task in enumerate(stream):
         method.begin_task(t)                          before task t trains
         examples = method.examples(t)                 what task t trains on (None: skip step t)
         for each batch of examples:
+            embeds, mask = method.inputs(...)         the model's input (L2P prepends prompts)
             loss = task loss + sum(method.extra_loss(batch).values())
         PASs statistics (Eq. 9-10) and anchors        pasmoe.track_importance, pasmoe.end_task
         method.end_task(t)                            after task t
+        with method.evaluating(examples):             around generation and probes (HiDe-LLaVA
+            ...                                       and DDAS pick each input's expert here)
 
     Method      sequential fine-tuning           seqlora, moelora-topk, moelora, pas-rw
     Stabilized  + Eq. 11 of the PASs layers      pasmoe (importance weights), pasmoe-random
@@ -19,21 +22,29 @@ calls at four points; the default hooks are plain sequential fine-tuning:
     EWC, MAS    + (lambda/2) sum F (theta - theta*)^2 over the adapters, F from each task's data
     LwF         + KL to the previous adapters' answers on the new task's inputs
     OLoRA       one slice of the LoRA's ranks per task, the others frozen, slices kept orthogonal
+    SeqFT       no adapters: the language model and the projector train task after task
+    L2P         no adapters: a pool of prompts picked per input by key, prepended to its input
+    HiDe        one expert per task; at inference, experts mixed by similarity to task anchors
+    DDAS        one expert per task; at inference, each input's expert picked by autoencoders
 
-METHODS maps each command-line name to its layer switches (pasmoe.PASsConfig) and its class.
-This file imports pasmoe only; nothing here knows about LLaVA or files on disk. A method that
-needs forward passes of its own (EWC, MAS, LwF) gets them from the loop's `forward`.
+METHODS maps each command-line name to its layer switches (pasmoe.PASsConfig; None: no PASs
+layers) and its class. This file imports pasmoe only; nothing here reads files, and what it
+knows of LLaVA is the module names seqft unfreezes. A method that needs passes of its own gets
+them from the loop: `forward` (EWC, MAS) and `features` (L2P, HiDe-LLaVA, DDAS).
 Hyperparameter defaults and where they come from: DESIGN.md, section 7.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import re
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from pasmoe import pas_layers, stabilization_loss
 
@@ -45,10 +56,12 @@ class Method:
     model: the model holding the PASs layers (not the DDP wrapper)
     stream: the tasks in training order (data.Task: key, train, test)
     forward: examples -> (logits, labels) of the model on them, labels -100 outside answers
+    features: examples -> each one's frozen features {"image": (d_vision,) or None, "text": (d,)}:
+        the mean vision feature of its image and the mean token embedding of its instruction
     """
 
-    def __init__(self, cfg, model, stream, forward=None):
-        self.cfg, self.model, self.stream, self.forward = cfg, model, stream, forward
+    def __init__(self, cfg, model, stream, forward=None, features=None):
+        self.cfg, self.model, self.stream, self.forward, self.features = cfg, model, stream, forward, features
 
     def begin_task(self, t: int) -> None:
         pass
@@ -56,12 +69,27 @@ class Method:
     def examples(self, t: int) -> list | None:
         return self.stream[t].train
 
+    def inputs(self, batch: dict, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The language model's input for a batch: embeddings (b, n, d) and attention mask (b, n),
+        in training, importance, probes and generation alike. A method may prepend to both."""
+        return embeds, mask
+
     def extra_loss(self, batch: dict) -> dict[str, torch.Tensor]:
         """Terms added to the task loss, by name (each is logged). batch holds the collated
-        batch (`input_ids`, `attention_mask`, `labels`, `images`), the `inputs_embeds` and
+        batch (`input_ids`, `attention_mask`, `labels`, `examples`), the `inputs_embeds` and
         `logits` of this step, and `n_tokens` and `world`: the global count of answer tokens
         and the number of processes (task_loss's normalization)."""
         return {}
+
+    def evaluating(self, examples: list):
+        """A context around generation and probes on these examples; methods that pick experts
+        for each input set them here."""
+        return contextlib.nullcontext()
+
+    def task_id_accuracy(self) -> dict[str, float] | None:
+        """For methods that identify each input's task: the % identified right on each task's
+        test items in the final evaluation."""
+        return None
 
     def end_task(self, t: int) -> None:
         pass
@@ -151,8 +179,8 @@ class _Consolidation(Method):
 
     strength = "ewc_lambda"  # the flag that holds lambda
 
-    def __init__(self, cfg, model, stream, forward=None):
-        super().__init__(cfg, model, stream, forward)
+    def __init__(self, cfg, model, stream, forward=None, features=None):
+        super().__init__(cfg, model, stream, forward, features)
         self.importance: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
 
@@ -272,8 +300,8 @@ class OLoRA(Method):
       + lambda_2 * (||A_t||^2 + ||B_t||^2)
     """
 
-    def __init__(self, cfg, model, stream, forward=None):
-        super().__init__(cfg, model, stream, forward)
+    def __init__(self, cfg, model, stream, forward=None, features=None):
+        super().__init__(cfg, model, stream, forward, features)
         if cfg.weight_decay:
             raise ValueError("olora needs --weight-decay 0: AdamW's decay would shrink the frozen slices of old tasks")
         self.layers = list(pas_layers(model).values())
@@ -313,6 +341,276 @@ class OLoRA(Method):
         self.hooks = []
 
 
+# ---- without adapters: SeqFT, L2P ----
+
+
+class SeqFT(Method):
+    """Sequential full fine-tuning (the SeqFT row of the paper's Table 1; the benchmark's
+    train_cl.py with --cl none): the language model, its head and the projector train, task after
+    task; the vision tower stays frozen, as LLaVA keeps it; there are no adapters. The trained
+    parts are kept in fp32 (master weights; autocast feeds the GEMMs bf16 under --dtype bfloat16),
+    and every checkpoint holds them all."""
+
+    def __init__(self, cfg, model, stream, forward=None, features=None):
+        super().__init__(cfg, model, stream, forward, features)
+        for name, module in model.named_modules():
+            if name in ("model.language_model", "lm_head", "model.multi_modal_projector"):
+                module.float().requires_grad_(True)
+
+
+class PromptPool(nn.Module):
+    """L2P's pool: M prompts of L tokens in the language model's input space, each with one key per
+    kind of query (image queries and text queries have different widths; one pool serves both)."""
+
+    def __init__(self, size: int, length: int, width: int, query_widths: dict, scale: float, generator):
+        super().__init__()
+        uniform = lambda *shape: torch.rand(*shape, generator=generator) * 2 - 1  # noqa: E731 (U(-1, 1), l2p-pytorch)
+        self.prompts = nn.Parameter(uniform(size, length, width) * scale)
+        self.keys = nn.ParameterDict({kind: nn.Parameter(uniform(size, w)) for kind, w in query_widths.items()})
+
+
+class L2P(Method):
+    """Learning to prompt (Wang et al., CVPR 2022; google-research/l2p, l2p-pytorch): a pool of
+    prompts with keys; each input's query, a frozen feature computed without gradients, picks the
+    N prompts whose keys are nearest (cosine), and they are prepended to the language model's
+    input embeddings in training and in generation (prefill; every decode step attends to them).
+    A pull term draws the chosen keys to the queries: - lambda * sum over the N of cos(q, k), mean
+    over the batch. Only the pool trains; the model is frozen and has no adapters. Query: the
+    mean vision feature of the image for image tasks, the mean input embedding of the instruction
+    for text-only tasks (our adaptation). Selection per input (the original votes per batch)."""
+
+    size, length, top_n, pull = 10, 5, 5, 0.1  # M, L_p, N, lambda: the L2P paper's setting (l2p-pytorch's config)
+
+    def __init__(self, cfg, model, stream, forward=None, features=None):
+        super().__init__(cfg, model, stream, forward, features)
+        table = model.get_input_embeddings().weight
+        first = {kind: next((ex for task in stream for ex in task.train if (ex.image is not None) == (kind == "image")), None)
+                 for kind in ("image", "text")}
+        widths = {kind: features([ex])[0][kind].numel() for kind, ex in first.items() if ex is not None}
+        g = torch.Generator().manual_seed(cfg.seed)
+        pool = PromptPool(self.size, self.length, table.shape[1], widths, table.detach().float().std().item(), g)
+        model.add_module("l2p_pool", pool.to(table.device))  # a part of the model: DDP syncs it, checkpoints hold it
+        self.pool, self._pull = pool, None
+
+    def select(self, examples: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices (b, N) of each input's prompts, their cosine similarities (b, N) to its query)."""
+        sims = []
+        for f in self.features(examples):
+            kind = "image" if f["image"] is not None else "text"
+            sims.append(F.cosine_similarity(self.pool.keys[kind], f[kind].to(self.pool.prompts.device).unsqueeze(0), dim=-1))
+        top = torch.stack(sims).topk(self.top_n, dim=-1)
+        return top.indices, top.values
+
+    def inputs(self, batch, embeds, mask):
+        chosen, sims = self.select(batch["examples"])
+        self._pull = sims.sum(dim=-1).mean()
+        prefix = self.pool.prompts[chosen].flatten(1, 2).to(embeds.dtype)  # (b, N L, d)
+        return torch.cat([prefix, embeds], dim=1), torch.cat([torch.ones(prefix.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1)
+
+    def extra_loss(self, batch):
+        unused = sum(key.sum() for key in self.pool.keys.values())  # the other modality's keys too (times 0): DDP wants every parameter in the graph
+        return {"pull": -self.pull * self._pull + 0.0 * unused}
+
+
+# ---- one expert per task, picked at inference: HiDe-LLaVA, DDAS ----
+
+
+class _TaskExperts(Method):
+    """The PASs layers hold one expert per task (train_stream gives them num_experts = T, the same
+    total rank split over the tasks); task t trains expert t only, in every layer, with the gate
+    set to it. Subclasses choose, for each test input, a mixture over the tasks seen so far."""
+
+    def __init__(self, cfg, model, stream, forward=None, features=None):
+        super().__init__(cfg, model, stream, forward, features)
+        self.layers = pas_layers(model)
+        self.seen, self.hits = 0, {}  # tasks trained so far; (task key, example id) -> identified right
+        self.keys = [task.key for task in stream]
+
+    def begin_task(self, t):
+        for layer in self.layers.values():
+            layer.given_gate = F.one_hot(torch.tensor(t), len(self.stream)).float()
+
+    def end_task(self, t):
+        self.seen = t + 1
+
+    def weights(self, feats: list) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _modality_tasks(self, f: dict) -> list[int]:
+        """The seen tasks of this input's kind (with or without an image): the candidates."""
+        has_image = f["image"] is not None
+        return [s for s in range(self.seen) if (self.stream[s].train[0].image is not None) == has_image]
+
+    def _record(self, examples: list, w: torch.Tensor) -> None:
+        for ex, row in zip(examples, w):
+            self.hits[(ex.task, ex.id)] = bool(row.sum() > 0 and self.keys[int(row.argmax())] == ex.task)
+
+    def task_id_accuracy(self):
+        per_task = {}
+        for (task, _), hit in self.hits.items():
+            per_task.setdefault(task, []).append(hit)
+        return {task: 100 * sum(hits) / len(hits) for task, hits in per_task.items()} or None
+
+    @contextlib.contextmanager
+    def evaluating(self, examples):
+        w = self.weights(self.features(examples))  # (b, T), rows sum to 1 (or 0: the frozen base)
+        self._record(examples, w)
+        with self.gates(w.unsqueeze(1)):  # (b, 1, T): one mixture per input, every token
+            yield
+
+    @contextlib.contextmanager
+    def gates(self, w: torch.Tensor):
+        saved = {name: layer.given_gate for name, layer in self.layers.items()}
+        for layer in self.layers.values():
+            layer.given_gate = w
+        try:
+            yield
+        finally:
+            for name, layer in self.layers.items():
+                layer.given_gate = saved[name]
+
+
+class HiDe(_TaskExperts):
+    """HiDe-LLaVA (Guo et al., ACL 2025; Ghy0501/HiDe-LLaVA, clitmoelora.py and llava_arch.py).
+    Per task, anchors: the mean frozen image feature and the mean frozen instruction embedding of
+    its training items (the original: CLIP's image and text towers; the tiny LLaVA has no text
+    tower, so the instruction's mean token embedding stands in). At inference the last decoder
+    layer mixes the seen tasks' experts by softmax(sim / 0.1), sim the mean of the image and text
+    cosines to each task's anchors; every lower layer uses the fusion of the seen experts, the sum
+    of their A's times the sum of their B's, as the original's code does. Candidates are the seen
+    tasks with the input's modality (the original's tasks all have images)."""
+
+    temperature = 0.1  # llava_arch.py
+
+    def __init__(self, cfg, model, stream, forward=None, features=None):
+        super().__init__(cfg, model, stream, forward, features)
+        depth = {name: int(re.search(r"layers\.(\d+)\.", name).group(1)) for name in self.layers}
+        self.top = {name for name, d in depth.items() if d == max(depth.values())}
+        self.anchors: dict[str, torch.Tensor] = {}
+
+    def end_task(self, t):
+        super().end_task(t)
+        feats = self.features(self.stream[t].train)
+        self.anchors[f"{t}.text"] = torch.stack([f["text"] for f in feats]).mean(0)
+        if feats[0]["image"] is not None:
+            self.anchors[f"{t}.image"] = torch.stack([f["image"] for f in feats]).mean(0)
+
+    def weights(self, feats):
+        w = torch.zeros(len(feats), len(self.stream))
+        for i, f in enumerate(feats):
+            tasks = self._modality_tasks(f)
+            sims = [sum(F.cosine_similarity(f[kind], self.anchors[f"{s}.{kind}"].to(f[kind].device), dim=0)
+                        for kind in ("image", "text") if f[kind] is not None) / (1 + (f["image"] is not None)) for s in tasks]
+            w[i, tasks] = torch.softmax(torch.stack(sims).float().cpu() / self.temperature, dim=0)
+        return w
+
+    @contextlib.contextmanager
+    def evaluating(self, examples):
+        w = self.weights(self.features(examples))
+        self._record(examples, w)
+        saved = {}
+        with torch.no_grad():
+            for name, layer in self.layers.items():  # lower layers: expert 0 becomes the fusion of the seen ones
+                if name not in self.top:
+                    saved[name] = (layer.lora_A.clone(), layer.lora_B.clone(), layer.given_gate)
+                    layer.lora_A[0] = layer.lora_A[:self.seen].sum(0)
+                    layer.lora_B[0] = layer.lora_B[:self.seen].sum(0)
+                    layer.given_gate = F.one_hot(torch.tensor(0), len(self.stream)).float()
+                else:
+                    saved[name] = (None, None, layer.given_gate)
+                    layer.given_gate = w.unsqueeze(1).to(layer.lora_A.device)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, (A, B, gate) in saved.items():
+                    layer = self.layers[name]
+                    if A is not None:
+                        layer.lora_A.copy_(A)
+                        layer.lora_B.copy_(B)
+                    layer.given_gate = gate
+
+    def state_dict(self):
+        return {f"anchor.{k}": v for k, v in self.anchors.items()}
+
+    def load_state_dict(self, state):
+        self.anchors = {k.removeprefix("anchor."): v for k, v in state.items()}
+        self.seen = 1 + max(int(k.split(".")[0]) for k in self.anchors)
+
+
+class DDAS(_TaskExperts):
+    """DDAS, the distribution-discriminative auto-selector of MoE-Adapters (Yu et al., CVPR 2024;
+    JiazuoYu/MoE-Adapters4CL, mtil/src/models/AutoEncoder.py and evaluation.py). After each task
+    an autoencoder (d -> 100, ReLU, -> d, sigmoid; MSE) is fitted on the sigmoid of its training
+    items' frozen features (image items: the vision feature; text items: the instruction's mean
+    embedding; the original: AlexNet features); at inference each input goes to the expert of the
+    seen task of its modality whose autoencoder reconstructs it best, or to the frozen base (no
+    expert) when that error is above the autoencoder's threshold. The original's threshold (0.0655)
+    belongs to AlexNet features; here each autoencoder is fitted on nine tenths of its task's
+    training items, and its threshold is the mean plus three standard deviations of its errors on
+    the tenth it did not see (training data only). Each task expert is one LoRA (the original's is a mixture of adapters with a
+    router per task). Decided per input (the original decides per batch)."""
+
+    code, iterations, batch, lr, weight_decay = 100, 300, 64, 0.01, 1e-4  # the original's AutoEncoder.py
+
+    def __init__(self, cfg, model, stream, forward=None, features=None):
+        super().__init__(cfg, model, stream, forward, features)
+        self.encoders: dict[int, nn.Module] = {}
+        self.thresholds: dict[int, float] = {}
+
+    @staticmethod
+    def _input(f: dict) -> torch.Tensor:
+        return torch.sigmoid((f["image"] if f["image"] is not None else f["text"]).float().cpu())
+
+    def end_task(self, t):
+        super().end_task(t)
+        every = torch.stack([self._input(f) for f in self.features(self.stream[t].train)])
+        x, held_out = every[torch.arange(len(every)) % 10 != 9], every[9::10]  # the threshold's tenth
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + t)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.seed * 1000 + t)
+            ae = nn.Sequential(nn.Linear(x.shape[1], self.code), nn.ReLU(), nn.Linear(self.code, x.shape[1]), nn.Sigmoid())
+        opt = torch.optim.Adam(ae.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        per_epoch = math.ceil(len(x) / self.batch)
+        for step in range(self.iterations):  # lr x 0.1 every 10 epochs, as the original's exp_lr_scheduler
+            for group in opt.param_groups:
+                group["lr"] = self.lr * 0.1 ** (step // per_epoch // 10)
+            rows = torch.randint(0, len(x), (min(self.batch, len(x)),), generator=g)
+            loss = F.mse_loss(ae(x[rows]), x[rows])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            errors = (ae(held_out) - held_out).square().mean(dim=1)
+        self.encoders[t], self.thresholds[t] = ae.eval().requires_grad_(False), (errors.mean() + 3 * errors.std(correction=0)).item()
+
+    def errors(self, feats: list) -> list[dict[int, float]]:
+        """Each input's reconstruction error under the autoencoder of each candidate task."""
+        with torch.no_grad():
+            return [{s: (self.encoders[s](x := self._input(f)) - x).square().mean().item() for s in self._modality_tasks(f)}
+                    for f in feats]
+
+    def weights(self, feats):
+        w = torch.zeros(len(feats), len(self.stream))
+        for i, errors in enumerate(self.errors(feats)):
+            best = min(errors, key=errors.get)
+            if errors[best] <= self.thresholds[best]:  # above it: no expert, the frozen base
+                w[i, best] = 1.0
+        return w
+
+    def state_dict(self):
+        state = {f"encoder.{t}.{k}": v for t, ae in self.encoders.items() for k, v in ae.state_dict().items()}
+        return state | {f"threshold.{t}": torch.tensor(v) for t, v in self.thresholds.items()}
+
+    def load_state_dict(self, state):
+        for t in sorted({int(k.split(".")[1]) for k in state if k.startswith("encoder.")}):
+            d = state[f"encoder.{t}.0.weight"].shape[1]
+            ae = nn.Sequential(nn.Linear(d, self.code), nn.ReLU(), nn.Linear(self.code, d), nn.Sigmoid())
+            ae.load_state_dict({k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"encoder.{t}.")})
+            self.encoders[t], self.thresholds[t] = ae.eval().requires_grad_(False), state[f"threshold.{t}"].item()
+        self.seen = 1 + max(self.encoders)
+
+
 METHODS = {  # name -> (PASs layer switches, method); paper Tables 1, 2 and 7
     "seqlora": (dict(gate="single", reg="none"), Method),  # one plain LoRA of the same total rank
     "moelora-topk": (dict(gate="topk", reg="none"), Method),
@@ -327,4 +625,8 @@ METHODS = {  # name -> (PASs layer switches, method); paper Tables 1, 2 and 7
     "mas": (dict(gate="single", reg="none"), MAS),
     "lwf": (dict(gate="single", reg="none"), LwF),
     "olora": (dict(gate="single", reg="none"), OLoRA),
+    "seqft": (None, SeqFT),  # no adapters
+    "l2p": (None, L2P),
+    "hide": (dict(gate="pas", reg="none", experts="per-task"), HiDe),  # the gate is always set from outside
+    "ddas": (dict(gate="pas", reg="none", experts="per-task"), DDAS),
 }

@@ -490,8 +490,8 @@ class Collator:
     answer is labelled. Token ids are computed once per example (`encode`, `encode_all`).
 
     tokenizer: a Hugging Face tokenizer with pad, bos and eos tokens and the `<image>` token.
-    A batch holds token tensors and `images`, the batch's examples that have an image, in order:
-    the model side (llava_wrap.embed) turns those into features.
+    A batch holds token tensors and `examples`, the batch's examples in order: the model side
+    (llava_wrap.embed) turns their images into features.
     Training sequences longer than max_length lose their tail (length_problems counts them).
     """
 
@@ -556,7 +556,7 @@ class Collator:
             "labels": torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in rows]),
             "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]),
         }
-        return batch | {"images": [ex for ex in examples if ex.image is not None]}
+        return batch | {"examples": list(examples)}
 
     def prompts(self, examples: list[Example]) -> dict:
         """Left-padded prompts for generation (never cut: train_stream checks they fit the model)."""
@@ -567,7 +567,7 @@ class Collator:
             "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
             "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
         }
-        return batch | {"images": [ex for ex in examples if ex.image is not None]}
+        return batch | {"examples": list(examples)}
 
 
 def length_problems(tasks: list[Task], collate: Collator, max_length: int, context: int, max_new_tokens: int) -> tuple[list[str], dict]:

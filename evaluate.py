@@ -268,7 +268,7 @@ def load_run(run_dir: Path) -> dict:
     metrics = cl_metrics(matrix["R"])
     if (run_dir / "metrics.json").exists():  # timings and truncation counts come from the run
         saved = json.loads((run_dir / "metrics.json").read_text())
-        metrics |= {k: saved[k] for k in ("train_s", "eval_s", "truncated") if k in saved}
+        metrics |= {k: saved[k] for k in ("train_s", "eval_s", "truncated", "task_id_accuracy") if k in saved}
     return {"dir": run_dir, "tasks": matrix["tasks"], "R": matrix["R"], "config": config,
             "method": config.get("method", run_dir.name), "metrics": metrics}
 
@@ -427,7 +427,7 @@ def analyses(run: dict) -> dict:
     if drift is not None:
         out["router_drift"] = {"mean": sum(d["mean"] for d in drift.values()) / len(drift),
                                "per_task": {k: d["mean"] for k, d in drift.items()}, "per_layer": {k: d["per_layer"] for k, d in drift.items()}}
-    if (Path(run_dir) / "ckpt" / f"task{len(tasks)}.safetensors").exists():
+    if (Path(run_dir) / "ckpt" / f"task{len(tasks)}.safetensors").exists() and _adapter_tensors(run_dir, len(tasks), "importance_agg"):
         out["importance"] = importance_stats(run_dir, len(tasks))
         updates = update_vs_importance(run_dir, len(tasks)) if len(tasks) > 1 else None
         if updates is not None:

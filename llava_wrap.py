@@ -59,6 +59,7 @@ class LlavaBundle:
     name: str  # where the base came from: "tiny-<hash>" or a checkpoint name/path
     info: dict = field(default_factory=dict)  # e.g. the tiny base's pretraining report
     feature_cache: dict | None = None  # data.Example -> its image's vision features; None: computed each time
+    input_hook: Callable | None = None  # (batch, embeds, mask) -> (embeds, mask): a method's change to the input (L2P)
 
 
 # ---- adapters ----
@@ -298,25 +299,29 @@ def llava_15_7b_config():
                        vision_feature_layer=-2, vision_feature_select_strategy="default")
 
 
-def plan(cfg: PASsConfig) -> dict:
-    """Parameter counts and static memory of LLaVA-1.5-7B with these adapters, from the
-    model built on the meta device (no memory used). Activations come on top."""
+def plan(cfg: PASsConfig | None) -> dict:
+    """Parameter counts and static memory of LLaVA-1.5-7B with these adapters (cfg None: full
+    fine-tuning of the language model and projector, seqft's), from the model built on the meta
+    device (no memory used). Activations come on top."""
     from transformers import LlavaForConditionalGeneration
 
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(llava_15_7b_config())
-    add_adapters(model, cfg, verbose=False)
+    if cfg is None:
+        model.requires_grad_(False)
+        for part in (model.model.language_model, model.lm_head, model.get_submodule(PROJECTOR)):
+            part.requires_grad_(True)
+    else:
+        add_adapters(model, cfg, verbose=False)
     trainable, total = count_parameters(model)
-    frozen = total - trainable
-    # Eq. 11 keeps nothing for backward (pasmoe._WeightedDrift recomputes the drift); its only
-    # memory is a transient fp32 difference and its square for one A or B at a time.
-    largest = max(t.numel() for layer in pas_layers(model).values() for t in (layer.lora_A, layer.lora_B))
-    gib = 2**30
-    return {"trainable": trainable, "frozen": frozen,
-            "GiB": {"frozen weights (bf16)": 2 * frozen / gib, "adapters (fp32)": 4 * trainable / gib,
-                    "gradients (fp32)": 4 * trainable / gib, "AdamW moments (fp32)": 8 * trainable / gib,
-                    "anchors (fp32)": 4 * trainable / gib,
-                    "Eq. 11 transient (fp32, one tensor at a time)": 2 * 4 * largest / gib}}
+    frozen, gib = total - trainable, 2**30
+    found = {"frozen weights (bf16)": 2 * frozen / gib, "trained weights (fp32)": 4 * trainable / gib,
+             "gradients (fp32)": 4 * trainable / gib, "AdamW moments (fp32)": 8 * trainable / gib}
+    if cfg is not None:  # Eq. 11 keeps nothing for backward (pasmoe._WeightedDrift recomputes the drift);
+        # its only memory is a transient fp32 difference and its square for one A or B at a time
+        largest = max(t.numel() for layer in pas_layers(model).values() for t in (layer.lora_A, layer.lora_B))
+        found |= {"anchors (fp32)": 4 * trainable / gib, "Eq. 11 transient (fp32, one tensor at a time)": 2 * 4 * largest / gib}
+    return {"trainable": trainable, "frozen": frozen, "GiB": found}
 
 
 # ---- feeding the model ----
@@ -368,10 +373,10 @@ def embed(bundle: LlavaBundle, batch: dict) -> torch.Tensor:
     """(b, n, d): the token embeddings of a data.Collator batch, with each image's projected
     features in its <image> positions, as LlavaModel.forward builds them from pixels."""
     model = bundle.model
-    ids = batch["input_ids"]
+    ids, images = batch["input_ids"], [ex for ex in batch["examples"] if ex.image is not None]
     embeds = model.get_input_embeddings()(ids)
-    if batch["images"]:
-        feats = model.model.multi_modal_projector(vision_features(bundle, batch["images"]))
+    if images:
+        feats = model.model.multi_modal_projector(vision_features(bundle, images))
         slots = ids == model.config.image_token_index
         if slots.sum() != feats.shape[0] * feats.shape[1]:
             raise ValueError(f"{int(slots.sum())} <image> positions for {feats.shape[0]} images of {feats.shape[1]} features")
@@ -379,15 +384,23 @@ def embed(bundle: LlavaBundle, batch: dict) -> torch.Tensor:
     return embeds
 
 
+def inputs(bundle: LlavaBundle, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input embeddings, attention mask) that the language model is fed: `embed`, then the bundle's
+    input_hook if a method set one (L2P prepends prompts: both grow by their length)."""
+    embeds = embed(bundle, batch)
+    return (embeds, batch["attention_mask"]) if bundle.input_hook is None else bundle.input_hook(batch, embeds, batch["attention_mask"])
+
+
 def to_device(batch: dict, device) -> dict:
-    """A batch's tensors on the device (its `images` are examples: vision_features loads them)."""
+    """A batch's tensors on the device (its `examples` stay: vision_features loads their images)."""
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def forward(bundle: LlavaBundle, batch: dict, model: nn.Module | None = None) -> torch.Tensor:
-    """Logits (b, n, vocab) of a data.Collator batch. `model`: what to call, if not the bundle's
-    model itself (its DDP wrapper)."""
-    return (model or bundle.model)(inputs_embeds=embed(bundle, batch), attention_mask=batch["attention_mask"]).logits
+    """Logits (b, n, vocab) of a data.Collator batch, at its own positions (those of an input_hook's
+    prefix dropped). `model`: what to call, if not the bundle's model itself (its DDP wrapper)."""
+    embeds, mask = inputs(bundle, batch)
+    return (model or bundle.model)(inputs_embeds=embeds, attention_mask=mask).logits[:, -batch["input_ids"].shape[1]:]
 
 
 @torch.no_grad()
@@ -396,8 +409,8 @@ def generate(bundle: LlavaBundle, batch: dict, max_new_tokens: int = 64) -> list
     model, tok = bundle.model, bundle.tokenizer
     was_training = model.training
     model.eval()
-    out = model.generate(inputs_embeds=embed(bundle, batch), attention_mask=batch["attention_mask"],
-                         max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=[model.config.image_token_index],
+    embeds, mask = inputs(bundle, batch)
+    out = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=[model.config.image_token_index],
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     model.train(was_training)
     return tok.batch_decode(out, skip_special_tokens=True)  # given embeddings, generate returns the new tokens only
@@ -407,16 +420,14 @@ def generate(bundle: LlavaBundle, batch: dict, max_new_tokens: int = 64) -> list
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What the method trains and tracks: PASs parameters and buffers, and the projector if trained."""
-    state = {}
-    for name, layer in pas_layers(model).items():
-        for key, value in layer.state_dict().items():
-            if not key.startswith("base."):
-                state[f"{name}.{key}"] = value
-    projector = model.get_submodule(PROJECTOR)
-    if any(p.requires_grad for p in projector.parameters()):
-        state |= {f"{PROJECTOR}.{k}": v for k, v in projector.state_dict().items()}
-    return state
+    """What the method trains and tracks: the PASs layers' parameters and buffers, and every other
+    parameter that trains (the projector with --train-projector; the language model under seqft;
+    L2P's prompts)."""
+    layers = pas_layers(model)
+    state = {f"{name}.{key}": value for name, layer in layers.items()
+             for key, value in layer.state_dict().items() if not key.startswith("base.")}
+    inside = {id(p) for layer in layers.values() for p in layer.parameters()}
+    return state | {name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in inside}
 
 
 def _base_fingerprint(model: nn.Module) -> str:
@@ -429,8 +440,8 @@ def save_adapters(model: nn.Module, path: str | Path, meta: dict | None = None) 
     from safetensors.torch import save_file
 
     layers = pas_layers(model)
-    cfg = next(iter(layers.values())).cfg
-    header = {"pas_config": json.dumps(asdict(cfg)), "targets": json.dumps(sorted(layers)),
+    cfg = asdict(next(iter(layers.values())).cfg) if layers else None  # None: a method without adapters
+    header = {"pas_config": json.dumps(cfg), "targets": json.dumps(sorted(layers)),
               "base": _base_fingerprint(model), "meta": json.dumps(meta or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -457,9 +468,10 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict:
 
     header = read_adapter_header(path)
     layers = pas_layers(model)
-    if not layers:
-        raise ValueError(f"{path}: the model has no PASs layers; call add_adapters with the file's config first")
-    cfg = asdict(next(iter(layers.values())).cfg)
+    if bool(layers) != (header["pas_config"] is not None):
+        raise ValueError(f"{path}: the file has {'no ' if header['pas_config'] is None else ''}PASs layers and the "
+                         f"model has {'some' if layers else 'none'}: add_adapters with the file's config first, or not at all")
+    cfg = asdict(next(iter(layers.values())).cfg) if layers else {}
     diffs = [f"{k}: file {header['pas_config'].get(k)!r} vs model {v!r}" for k, v in cfg.items()
              if header["pas_config"].get(k) != v]
     if sorted(layers) != header["targets"]:
@@ -490,9 +502,12 @@ if __name__ == "__main__":
     parser.add_argument("command", choices=["plan"], help="plan: parameter counts and static memory")
     parser.add_argument("--num-experts", type=int, default=6, help="E (paper: 6)")
     parser.add_argument("--rank", type=int, default=128, help="rank per expert (paper: 128)")
+    parser.add_argument("--full", action="store_true", help="full fine-tuning of the language model and projector (seqft)")
     args = parser.parse_args()
-    found = plan(PASsConfig(num_experts=args.num_experts, rank=args.rank, gate="pas" if args.num_experts > 1 else "single"))
-    print(f"E={args.num_experts}, r={args.rank} per expert: {found['trainable']:,} trainable, {found['frozen']:,} frozen parameters")
+    found = plan(None if args.full else PASsConfig(num_experts=args.num_experts, rank=args.rank,
+                                                   gate="pas" if args.num_experts > 1 else "single"))
+    what = "full fine-tuning (seqft)" if args.full else f"E={args.num_experts}, r={args.rank} per expert"
+    print(f"{what}: {found['trainable']:,} trainable, {found['frozen']:,} frozen parameters")
     for what, size in found["GiB"].items():
         print(f"  {what:<46} {size:6.1f} GiB")
     print(f"  {'total before activations':<46} {sum(found['GiB'].values()):6.1f} GiB")

@@ -50,7 +50,9 @@ PLAN = {  # part -> (variants as (method, overrides), number of seeds)
     "lambda": ([(m, {"lambda_a": f * ts.RunConfig.lambda_a, "lambda_b": f * ts.RunConfig.lambda_b})
                 for f in LAMBDA_FACTORS for m in WEIGHTINGS], 3),
     "experts": ([(m, {"num_experts": E}) for E in (2, 4, 8) for m in ("moelora", "pasmoe")], 3),  # 6 is in "claims"
+    "lesson": ([("replay", {"replay_fraction": f}) for f in (0.02, 0.3)] + [("pasmoe", {"temperature": 0.25})], 3),  # LESSON.md
 }
+NAMED = ("order", "num_experts", "lambda_a", "lambda_b")  # in every run's name; other overrides are added to it
 
 CALIBRATION = {  # fixed before any method under test was looked at (DESIGN.md, "The sanity stream")
     "learned": 70.0,  # every task scores at least this right after its own training (joint: at the end)
@@ -83,8 +85,9 @@ CLAIMS = [
 # ---- running it ----
 
 
-def run_name(cfg: ts.RunConfig) -> str:
-    return f"{cfg.method}_order{cfg.order}_E{cfg.num_experts}_la{cfg.lambda_a:g}_s{cfg.seed}"
+def run_name(cfg: ts.RunConfig, overrides: dict) -> str:
+    extra = "".join(f"_{k}{v:g}" for k, v in overrides.items() if k not in NAMED)
+    return f"{cfg.method}_order{cfg.order}_E{cfg.num_experts}_la{cfg.lambda_a:g}{extra}_s{cfg.seed}"
 
 
 def run_study(base: ts.RunConfig, out_dir: Path, parts: list[str]) -> None:
@@ -96,8 +99,9 @@ def run_study(base: ts.RunConfig, out_dir: Path, parts: list[str]) -> None:
         for method, overrides in variants:
             for seed in range(seeds):
                 cfg = dataclasses.replace(base, method=method, seed=seed, **overrides)
-                cfg.out = str(out_dir / "runs" / run_name(cfg))
-                run_dir, lock = Path(cfg.out), out_dir / "runs" / f".{run_name(cfg)}.lock"
+                name = run_name(cfg, overrides)
+                cfg.out = str(out_dir / "runs" / name)
+                run_dir, lock = Path(cfg.out), out_dir / "runs" / f".{name}.lock"
                 if (run_dir / "config.json").exists():
                     saved = json.loads((run_dir / "config.json").read_text())
                     differ = [f"{k}: {saved.get(k)!r} vs {getattr(cfg, k)!r}" for k in fields if saved.get(k) != getattr(cfg, k)]
@@ -109,10 +113,10 @@ def run_study(base: ts.RunConfig, out_dir: Path, parts: list[str]) -> None:
                 try:
                     lock.open("x").close()
                 except FileExistsError:
-                    print(f"[{part}] {run_name(cfg)}: another study process holds {lock} (delete it if none does)")
+                    print(f"[{part}] {name}: another study process holds {lock} (delete it if none does)")
                     continue
                 try:
-                    print(f"[{part}] {run_name(cfg)}")
+                    print(f"[{part}] {name}")
                     ts.run(cfg, resume=run_dir if run_dir.exists() else None)
                 finally:
                     lock.unlink()
@@ -121,10 +125,13 @@ def run_study(base: ts.RunConfig, out_dir: Path, parts: list[str]) -> None:
 # ---- reading it ----
 
 
+DEFAULTS = {"num_experts": 6, "lambda_a": ts.RunConfig.lambda_a, "replay_fraction": ts.RunConfig.replay_fraction,
+            "temperature": ts.RunConfig.temperature}  # the main comparison's settings
+
+
 def select(runs: list[dict], method: str | None = None, **want) -> list[dict]:
-    """Runs of a method (any, if None) whose config has the wanted values; the defaults of the
-    main comparison (E = 6, the paper's lambda) unless overridden."""
-    want = {"num_experts": 6, "lambda_a": ts.RunConfig.lambda_a} | want
+    """Runs of a method (any, if None) whose config has the wanted values, and DEFAULTS otherwise."""
+    want = DEFAULTS | want
     return sorted((r for r in runs if (method is None or r["method"] == method)
                    and all(r["config"].get(k) == v for k, v in want.items())), key=lambda r: r["config"]["seed"])
 
@@ -334,6 +341,44 @@ def learnability(runs: list[dict], bar: float = 70.0) -> str:
     return "\n".join(lines) + "\n"
 
 
+LESSON_SEEDS = (0, 1, 2)
+LESSON = [  # (exercise, what, method, overrides, quantity): the outcomes LESSON.md quotes
+    ("1", "seqlora: lowest score right after a task's training", "seqlora", {}, "lowest_diag"),
+    ("1", "seqlora AP", "seqlora", {}, "ap"), ("1", "seqlora BWT", "seqlora", {}, "bwt"),
+    ("2", "joint AP", "joint", {}, "ap"),
+    ("3", "replay 0.02 AP", "replay", {"replay_fraction": 0.02}, "ap"), ("3", "replay 0.02 BWT", "replay", {"replay_fraction": 0.02}, "bwt"),
+    ("3", "replay 0.1 AP", "replay", {}, "ap"), ("3", "replay 0.1 BWT", "replay", {}, "bwt"),
+    ("3", "replay 0.3 AP", "replay", {"replay_fraction": 0.3}, "ap"), ("3", "replay 0.3 BWT", "replay", {"replay_fraction": 0.3}, "bwt"),
+    ("4", "ewc AP", "ewc", {}, "ap"), ("4", "ewc BWT", "ewc", {}, "bwt"), ("4", "ewc lowest just-trained", "ewc", {}, "lowest_diag"),
+    ("4", "mas AP", "mas", {}, "ap"), ("4", "l2 AP", "l2", {}, "ap"), ("4", "l2 BWT", "l2", {}, "bwt"),
+    ("4", "l2 lowest just-trained", "l2", {}, "lowest_diag"),
+    ("5", "router drift, moelora-topk", "moelora-topk", {}, "drift"), ("5", "router drift, moelora", "moelora", {}, "drift"),
+    ("5", "router drift, pas-rw", "pas-rw", {}, "drift"), ("5", "router drift, pasmoe", "pasmoe", {}, "drift"),
+    ("6", "pasmoe top-10% importance share (%)", "pasmoe", {}, "top10"),
+    ("6", "A rows most / least important decile, pasmoe", "pasmoe", {}, "decile"),
+    ("6", "the same, pasmoe-random", "pasmoe-random", {}, "decile"), ("6", "the same, l2", "l2", {}, "decile"),
+    ("6", "pasmoe AP", "pasmoe", {}, "ap"), ("6", "pasmoe-random AP", "pasmoe-random", {}, "ap"),
+    ("8", "pasmoe tau 0.25 AP", "pasmoe", {"temperature": 0.25}, "ap"), ("8", "pasmoe tau 0.25 BWT", "pasmoe", {"temperature": 0.25}, "bwt"),
+    ("8", "pasmoe tau 1 AP", "pasmoe", {}, "ap"), ("8", "pasmoe tau 1 BWT", "pasmoe", {}, "bwt"),
+]
+
+
+def lesson(runs: list[dict]) -> str:
+    """The outcomes LESSON.md quotes: order A, seeds 0-2, each value and the range."""
+    rows = ["| exercise | what | seeds | each seed | range |", "|---|---|---|---|---|"]
+    for exercise, what, method, overrides, quantity in LESSON:
+        rs = [r for r in select(runs, method, order="A", **overrides) if r["config"]["seed"] in LESSON_SEEDS]
+        if quantity == "lowest_diag":
+            values = [min(just_trained(r["R"])) for r in rs]
+        else:
+            values = list(_values(rs, quantity).values())
+        if values:
+            digits = 3 if quantity == "drift" else 2 if quantity == "decile" else 1
+            rows.append(f"| {exercise} | {what} | {len(values)} | {_cells(values, digits)} | "
+                        f"{min(values):.{digits}f} to {max(values):.{digits}f} |")
+    return "\n".join(rows) + "\n"
+
+
 def _frontier_figure(study_dir: Path, curves: dict, refs: list[dict]) -> Path:
     import matplotlib
 
@@ -390,6 +435,7 @@ def report(study_dir: str | Path) -> str:
         ("Mechanisms, order A (paper Fig. 3, 6, 8)", mechanisms(runs)),
         ("Number of experts, order A (paper Table 3)", experts(runs)),
         ("Learnability: score right after each task's own training, order A", learnability(order_a) if order_a else ""),
+        ("The outcomes LESSON.md quotes (order A, seeds 0 to 2)", lesson(runs)),
     ]
     table, curves = lambda_frontier(runs)
     sections.append(("λ frontier, order A (paper Fig. 4, widened)", table))

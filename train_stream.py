@@ -102,8 +102,11 @@ class RunConfig:
     recipe: str | None = None  # "paper": PAPER_RECIPE under any explicit flag
     out: str | None = None  # run directory (default runs/<time>-<method>-s<seed>)
 
-    def pas_config(self) -> PASsConfig:
+    def pas_config(self) -> PASsConfig | None:
+        """The PASs layers' config of this method; None for the methods without adapters."""
         spec = METHODS[self.method][0]
+        if spec is None:
+            return None
         E, r = self.num_experts, self.rank
         if self.total_rank is not None:
             if self.total_rank % E:
@@ -112,6 +115,11 @@ class RunConfig:
         alpha = self.alpha
         if spec["gate"] == "single":  # same total rank and parameter count, same scaling alpha/r
             E, r, alpha = 1, E * r, alpha * E
+        if spec.get("experts") == "per-task":  # one expert per task: the same total rank split over the tasks
+            T = len(data.task_order(self.order))
+            if E * r < T:
+                raise ValueError(f"{self.method}: a total rank of {E * r} cannot give each of {T} tasks an expert")
+            E, r, alpha = T, E * r // T, alpha / r * (E * r // T)
         return PASsConfig(num_experts=E, rank=r, alpha=alpha,
                           dropout=self.dropout, gate=spec["gate"], top_k=self.top_k, temperature=self.temperature,
                           lambda_a=self.lambda_a, lambda_b=self.lambda_b, weight_clip=self.weight_clip,
@@ -159,7 +167,11 @@ def load_model(cfg: RunConfig, device: torch.device) -> llava_wrap.LlavaBundle:
     else:
         bundle = llava_wrap.load_llava(cfg.model, dtype=dtype, device=device)
     seed_everything(cfg.seed)  # the adapters' and routers' init: the same on every path and every DDP rank
-    llava_wrap.add_adapters(bundle.model, cfg.pas_config(), train_projector=cfg.train_projector, verbose=is_main())
+    pas = cfg.pas_config()
+    if pas is None:  # a method without adapters: everything frozen, the method unfreezes or adds what it trains
+        bundle.model.requires_grad_(False)
+    else:
+        llava_wrap.add_adapters(bundle.model, pas, train_projector=cfg.train_projector, verbose=is_main())
     if cfg.gradient_checkpointing:
         bundle.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return bundle
@@ -261,8 +273,8 @@ def train_task(cfg, t, task, examples, method, bundle, model, collate, device, l
             if world > 1:
                 dist.all_reduce(n_tokens)
             with autocast(cfg, device):
-                embeds = llava_wrap.embed(bundle, inputs)
-                logits = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
+                embeds, mask = llava_wrap.inputs(bundle, inputs)  # a method may prepend to both (L2P)
+                logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, -labels.shape[1]:]
                 loss_task = task_loss(logits, labels, n_tokens, world)
                 extra = method.extra_loss(inputs | {"inputs_embeds": embeds, "labels": labels, "logits": logits,
                                                     "n_tokens": n_tokens, "world": world})
@@ -312,30 +324,38 @@ def importance_mask(which: str, batch: dict, labels: torch.Tensor, image_id: int
     return mask
 
 
+def _prefixed(mask: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """A (b, n) token mask for inputs that a method prepended to: its positions count as False."""
+    return F.pad(mask, (embeds.shape[1] - mask.shape[1], 0), value=False)
+
+
 @torch.no_grad()
 def importance_pass(cfg, task, bundle, collate, device, rank, world) -> None:
     """Eq. 9 with the parameters that end the task: every counted token (cfg.importance_tokens)
     of the task's training data counts once (this rank's share; end_task all-reduces the sums)."""
+    if not pas_layers(bundle.model):
+        return
     bundle.model.eval()
     for chunk in by_length(task.train, collate, cfg.eval_batch_size):
         examples = chunk[rank::world]
         if not examples:
             continue
         batch = llava_wrap.to_device(collate.train(examples), device)
-        labels = batch.pop("labels")
-        mask = importance_mask(cfg.importance_tokens, batch, labels, bundle.model.config.image_token_index)
-        with autocast(cfg, device), track_importance(bundle.model, token_mask=mask):
-            llava_wrap.forward(bundle, batch)
+        with autocast(cfg, device):
+            embeds, attention = llava_wrap.inputs(bundle, batch)
+            mask = _prefixed(importance_mask(cfg.importance_tokens, batch, batch["labels"], bundle.model.config.image_token_index), embeds)
+            with track_importance(bundle.model, token_mask=mask):
+                bundle.model(inputs_embeds=embeds, attention_mask=attention)
 
 
 @torch.no_grad()
-def evaluate_task(cfg, task, bundle, collate, device) -> tuple[float, list[dict]]:
+def evaluate_task(cfg, task, bundle, collate, device, method) -> tuple[float, list[dict]]:
     """Greedy answers on the task's test set, scored with the benchmark's scorer; rows in the
-    test set's order."""
+    test set's order. The method may set the experts for each batch (method.evaluating)."""
     metric = evaluate.TASK_METRICS[task.key]
     answers = {}
     for examples in by_length(task.test, collate, cfg.eval_batch_size):
-        with autocast(cfg, device):
+        with autocast(cfg, device), method.evaluating(examples):
             answers |= zip(examples, llava_wrap.generate(bundle, llava_wrap.to_device(collate.prompts(examples), device),
                                                          cfg.max_new_tokens))
     rows = [{"question_id": ex.id, "prompt": ex.problem, "text": answers[ex], "reference": ex.solution,
@@ -344,23 +364,25 @@ def evaluate_task(cfg, task, bundle, collate, device) -> tuple[float, list[dict]
 
 
 @torch.no_grad()
-def probe_gates(cfg, task, bundle, collate, device) -> dict[str, torch.Tensor]:
+def probe_gates(cfg, task, bundle, collate, device, method) -> dict[str, torch.Tensor]:
     """Mixture weights of every PASs layer on the first probe_size test items of a task:
     {layer name: (real tokens, E)}, for the router-drift analysis (paper Fig. 3)."""
-    batch = llava_wrap.to_device(collate.train(task.test[:cfg.probe_size]), device)
-    mask = batch["attention_mask"].bool()
+    examples = task.test[:cfg.probe_size]
+    batch = llava_wrap.to_device(collate.train(examples), device)
     gates, hooks = {}, []
-    for name, layer in pas_layers(bundle.model).items():
-        def hook(module, args, output, name=name):
-            gates[name] = module.gate(args[0])[mask].float().cpu()
-        hooks.append(layer.register_forward_hook(hook))
     bundle.model.eval()
-    try:
-        with autocast(cfg, device):
-            llava_wrap.forward(bundle, batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    with autocast(cfg, device), method.evaluating(examples):
+        embeds, attention = llava_wrap.inputs(bundle, batch)
+        mask = _prefixed(batch["attention_mask"].bool(), embeds)
+        for name, layer in pas_layers(bundle.model).items():
+            def hook(module, args, output, name=name):
+                gates[name] = module.gate(args[0])[mask].float().cpu()
+            hooks.append(layer.register_forward_hook(hook))
+        try:
+            bundle.model(inputs_embeds=embeds, attention_mask=attention)
+        finally:
+            for h in hooks:
+                h.remove()
     return gates
 
 
@@ -430,6 +452,32 @@ def preflight(cfg: RunConfig, tasks: list[data.Task], bundle: llava_wrap.LlavaBu
     return cut
 
 
+def method_passes(cfg: RunConfig, bundle: llava_wrap.LlavaBundle, collate: data.Collator, device) -> tuple:
+    """What methods may compute on examples besides the training step: (forward, features).
+    forward(examples) -> (logits, labels), for passes of their own (EWC, MAS); features(examples)
+    -> each example's frozen features {"image": the mean over its image's positions of the vision
+    features, or None; "text": the mean embedding of its instruction's tokens}, for the methods that
+    pick experts or prompts from the input (L2P, HiDe-LLaVA, DDAS)."""
+
+    def forward(examples):
+        inputs = llava_wrap.to_device(collate.train(examples), device)
+        with autocast(cfg, device):
+            return llava_wrap.forward(bundle, inputs), inputs["labels"]
+
+    @torch.no_grad()
+    def features(examples):
+        with_image = [ex for ex in examples if ex.image is not None]
+        images = iter(llava_wrap.vision_features(bundle, with_image).float().mean(1) if with_image else ())
+        table = bundle.model.get_input_embeddings()
+        out = []
+        for ex in examples:
+            ids = torch.tensor(collate.tok(ex.problem, add_special_tokens=False)["input_ids"], device=device)
+            out.append({"image": next(images) if ex.image is not None else None, "text": table(ids).float().mean(0)})
+        return out
+
+    return forward, features
+
+
 def setup(cfg: RunConfig, resume: Path | None) -> Run:
     """Processes, device, tasks, the model with its adapters, the method; then the preflight."""
     rank, world = distributed()
@@ -456,12 +504,8 @@ def setup(cfg: RunConfig, resume: Path | None) -> Run:
     if isinstance(checked[0], Exception):
         raise checked[0]
 
-    def forward(examples):  # for methods that need passes of their own (EWC, MAS)
-        inputs = llava_wrap.to_device(collate.train(examples), device)
-        with autocast(cfg, device):
-            return llava_wrap.forward(bundle, inputs), inputs["labels"]
-
-    method = METHODS[cfg.method][1](cfg, bundle.model, tasks, forward)
+    method = METHODS[cfg.method][1](cfg, bundle.model, tasks, *method_passes(cfg, bundle, collate, device))
+    bundle.input_hook = method.inputs
     model = data_parallel(bundle.model, device) if world > 1 else bundle.model  # after the method made its parameters
     return Run(cfg, out, rank, world, device, tasks, bundle, model, collate, method, checked[0] or {})
 
@@ -492,7 +536,7 @@ def open_run(run: Run, resume: bool) -> dict:
         out.mkdir(parents=True, exist_ok=False)
         for sub in ("ckpt", "predictions", "gates"):
             (out / sub).mkdir()
-        config = asdict(cfg) | {"pas_config": asdict(cfg.pas_config()), "base": run.bundle.name, "base_info": run.bundle.info,
+        config = asdict(cfg) | {"pas_config": asdict(cfg.pas_config()) if cfg.pas_config() else None, "base": run.bundle.name, "base_info": run.bundle.info,
                                 "tasks": run.keys, "world_size": run.world} | environment(run.device)
         atomic_write(out / "config.json", json.dumps(config, indent=1))
         trainable, _ = llava_wrap.count_parameters(run.bundle.model)
@@ -543,15 +587,15 @@ def evaluate_after(run: Run, state: dict, t: int) -> None:
     if is_main():
         evaluated = [] if not trained else range(t + 1) if cfg.eval == "full" or last else [t]
         for j in evaluated:
-            score, rows = evaluate_task(cfg, run.tasks[j], run.bundle, run.collate, run.device)
+            score, rows = evaluate_task(cfg, run.tasks[j], run.bundle, run.collate, run.device, run.method)
             state["R"][t][j] = score
             with open(run.out / "predictions" / f"after{t + 1}_{run.keys[j]}.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
         if trained:
-            torch.save(probe_gates(cfg, task, run.bundle, run.collate, run.device), run.out / "gates" / f"{task.key}_after.pt")
+            torch.save(probe_gates(cfg, task, run.bundle, run.collate, run.device, run.method), run.out / "gates" / f"{task.key}_after.pt")
         if last:
             for old in run.tasks:
-                torch.save(probe_gates(cfg, old, run.bundle, run.collate, run.device), run.out / "gates" / f"{old.key}_final.pt")
+                torch.save(probe_gates(cfg, old, run.bundle, run.collate, run.device, run.method), run.out / "gates" / f"{old.key}_final.pt")
         state["evaluated"] = t + 1
         state["eval_s"].append(round(time.time() - start, 2))
         save_state(run, state)
@@ -571,6 +615,8 @@ def finish(run: Run, state: dict) -> None:
     run.log_file.close()
     metrics = evaluate.cl_metrics(state["R"]) | {"train_s": state["train_s"], "eval_s": state["eval_s"],
                                                   "truncated": state["truncated"]}
+    if run.method.task_id_accuracy() is not None:  # HiDe-LLaVA, DDAS: how often they picked the right expert
+        metrics["task_id_accuracy"] = run.method.task_id_accuracy()
     atomic_write(run.out / "matrix.json", json.dumps({"tasks": run.keys, "R": state["R"]}, indent=1))
     atomic_write(run.out / "metrics.json", json.dumps(metrics, indent=1))
     evaluate.main([str(run.out)])

@@ -48,8 +48,12 @@ def test_every_method_has_layer_switches_the_layer_accepts():
     # planted bug: a misspelt gate or reg in METHODS (found only when someone runs that method)
     from pasmoe import PASsConfig
     for name, (switches, method) in METHODS.items():
-        PASsConfig(num_experts=1 if switches["gate"] == "single" else 3, **switches)  # raises on unknown
         assert issubclass(method, Method), name
+        if switches is None:  # seqft, l2p: no PASs layers
+            continue
+        layer = {k: v for k, v in switches.items() if k != "experts"}
+        assert switches.get("experts", "per-task") == "per-task", name
+        PASsConfig(num_experts=1 if switches["gate"] == "single" else 3, **layer)  # raises on unknown
 
 
 # ---- the regularization and architecture families, against float64 hand computations ----
@@ -246,3 +250,125 @@ def test_olora_refuses_what_it_cannot_honour():
         OLoRA(SimpleNamespace(weight_decay=0.01), TinyLM(), [None])
     with pytest.raises(ValueError, match="raise --rank"):
         olora(rank=2, tasks=3)
+
+
+# ---- L2P, HiDe-LLaVA, DDAS: their selection, on hand-made features ----
+
+from baselines import DDAS, L2P, HiDe  # noqa: E402
+from data import Example, Task  # noqa: E402
+
+
+class Layers(nn.Module):
+    """Two "decoder layers" of one PASs Linear each, named as a transformer's (layers.N.proj), with
+    one expert per task (E = 2, as train_stream gives HiDe and DDAS)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(V, D)
+        self.layers = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(D, D)}) for _ in range(2))
+        inject(self, PASsConfig(num_experts=2, rank=2, gate="pas", reg="none"), target=r"proj$")
+        with torch.no_grad():
+            for layer in (self.layers[0]["proj"], self.layers[1]["proj"]):
+                layer.lora_B.normal_()
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer["proj"](x)
+        return x
+
+
+def two_tasks(n=320, seed=0):
+    """Two text tasks whose frozen features lie in clearly separate clusters, and a features() that
+    returns them: the stream where a selector must identify the task."""
+    g = torch.Generator().manual_seed(seed)
+    centres = {"numglue": torch.full((8,), 2.0), "fomc": torch.full((8,), -2.0)}
+    feats, tasks = {}, []
+    for key in centres:
+        items = {split: [Example(key, f"{key}-{split}-{i}", "q", "a") for i in range(n)] for split in ("train", "test")}
+        for ex in items["train"] + items["test"]:
+            feats[ex] = centres[key] + 0.3 * torch.randn(8, generator=g)
+        tasks.append(Task(key, items["train"], items["test"]))
+    return tasks, lambda examples: [{"image": None, "text": feats[ex]} for ex in examples]
+
+
+@pytest.mark.parametrize("cls", [HiDe, DDAS])
+def test_the_selectors_identify_the_task_when_tasks_differ(cls):
+    # planted bugs: anchors (or autoencoders) indexed by the wrong task, the argmax taken over the
+    # wrong axis, a softmax over the batch instead of over the tasks
+    tasks, features = two_tasks()
+    model = Layers()
+    method = cls(SimpleNamespace(seed=0), model, tasks, None, features)
+    for t in range(2):
+        method.begin_task(t)
+        method.end_task(t)
+    for t, task in enumerate(tasks):
+        w = method.weights(features(task.test))
+        assert (w.argmax(dim=1) == t).float().mean() >= 0.95, (cls.__name__, task.key)
+    with method.evaluating(tasks[0].test + tasks[1].test):
+        pass
+    assert set(method.task_id_accuracy()) == {"numglue", "fomc"} and min(method.task_id_accuracy().values()) >= 90
+
+
+def test_ddas_sends_an_input_beyond_the_threshold_to_the_frozen_base():
+    # planted bug: the best autoencoder's expert used however badly it reconstructs the input
+    tasks, features = two_tasks()
+    model = Layers()
+    method = DDAS(SimpleNamespace(seed=0), model, tasks, None, features)
+    method.begin_task(0)
+    method.end_task(0)
+    stranger = Example("numglue", "far", "q", "a")
+    far = [{"image": None, "text": torch.full((8,), 40.0) * torch.tensor([1.0, -1.0] * 4)}]
+    assert method.weights(far).sum() == 0  # no expert
+    x = torch.randn(1, 3, D)  # (b, n, d): one input, as the gate is set per input
+    base = model.layers[1]["proj"].base(model.layers[0]["proj"].base(x))
+    method.features = lambda examples: far * len(examples)
+    with torch.no_grad(), method.evaluating([stranger]):
+        assert torch.allclose(model(x), base)  # experts off: the frozen base
+    assert not torch.allclose(model(x), base)  # outside the context, task 0's expert is back
+
+
+def test_hide_fuses_the_lower_layers_and_mixes_the_top_one():
+    # planted bugs: the fusion as sum_t B_t A_t (the original's code sums A's and B's, cross terms
+    # included), the mixture put in the lower layers, the experts not restored after evaluation
+    tasks, features = two_tasks()
+    model = Layers()
+    method = HiDe(SimpleNamespace(seed=0), model, tasks, None, features)
+    for t in range(2):
+        method.begin_task(t)
+        method.end_task(t)
+    low, top = model.layers[0]["proj"], model.layers[1]["proj"]
+    A, B = low.lora_A.detach().clone(), low.lora_B.detach().clone()
+    x = torch.randn(1, 1, D)
+    w = method.weights(features(tasks[1].test[:1]))
+    with torch.no_grad(), method.evaluating(tasks[1].test[:1]):
+        h = low(x)
+        fused = low.base(x) + low.scaling * (x @ (A[0] + A[1]).T) @ (B[0] + B[1]).T
+        assert torch.allclose(h, fused, atol=1e-6)
+        mixed = top.base(h) + top.scaling * sum(w[0, e] * (h @ top.lora_A[e].T) @ top.lora_B[e].T for e in range(2))
+        assert torch.allclose(top(h), mixed, atol=1e-6)
+    assert torch.equal(low.lora_A, A) and torch.equal(low.lora_B, B)
+
+
+def test_l2p_picks_the_prompts_whose_keys_are_nearest_to_the_query():
+    # planted bugs: the keys farthest from the query (topk of the negated similarity), the
+    # similarity as a dot product (key norms decide), the same prompts for every input
+    tasks, features = two_tasks(n=4)
+    model = Layers()
+    method = L2P(SimpleNamespace(seed=0), model, tasks, None, features)
+    keys = method.pool.keys["text"]
+    with torch.no_grad():
+        keys.copy_(torch.randn(keys.shape) * torch.linspace(0.1, 10, keys.shape[0]).unsqueeze(1))  # norms differ
+    exs = tasks[0].test[:2] + tasks[1].test[:2]
+    chosen, sims = method.select(exs)
+    for ex, row in zip(exs, chosen):
+        q = features([ex])[0]["text"]
+        cos = torch.nn.functional.cosine_similarity(keys.detach(), q.unsqueeze(0), dim=-1)
+        assert set(row.tolist()) == set(cos.topk(L2P.top_n).indices.tolist())
+    assert not torch.equal(chosen[0], chosen[2])  # the two tasks' queries pick different prompts
+    embeds, mask = method.inputs({"examples": exs}, torch.zeros(4, 3, D), torch.ones(4, 3, dtype=torch.long))
+    assert embeds.shape == (4, L2P.top_n * L2P.length + 3, D) and mask.shape == (4, L2P.top_n * L2P.length + 3)
+    assert torch.equal(embeds[0, :L2P.length], method.pool.prompts[chosen[0, 0]].detach())

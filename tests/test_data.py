@@ -198,7 +198,7 @@ def test_rendered_prompt_and_label_mask_token_by_token():
     m = int(mask[1].sum())
     assert m < n and ids[1, m:].eq(tok.pad_token_id).all() and labels[1, m:].eq(data.IGNORE).all()
     assert tok.convert_tokens_to_ids("<image>") not in ids[1].tolist()
-    assert batch["images"] == [ex]  # only the example with an image
+    assert batch["examples"] == [ex, text_ex]
     assert tok.decode(ids[1, :m], skip_special_tokens=False) == "<s>USER: Is this hawkish? ASSISTANT: answer: A</s>"
 
 
@@ -208,7 +208,7 @@ def test_prompts_are_left_padded_without_answers():
     batch = col.prompts(exs)
     assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][1].all()
     assert batch["input_ids"][:, -1].tolist() == [tok.convert_tokens_to_ids(":")] * 2  # "ASSISTANT:" ends both
-    assert batch["images"] == []
+    assert batch["examples"] == exs
 
 
 def test_length_checks_count_cuts_and_refuse_prompts_that_do_not_fit():

@@ -233,3 +233,13 @@ def test_the_command_line_works_under_cprofile():
     done = subprocess.run([sys.executable, "-m", "cProfile", "train_stream.py", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--limit" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", ["seqft", "l2p", "hide", "ddas"])
+def test_the_table_1_methods_run_on_the_real_path(method, bench, tmp_path):
+    # planted bugs: a method that assumes the tiny model (its module names, its single image
+    # position count), or one whose features need images that text-only tasks lack
+    out = tmp_path / method
+    ts.run(ts.parse_args(readme_args(bench, "--out", str(out), "--method", method, "--order", "numglue,art"))[0])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ap"] is not None and ("task_id_accuracy" in metrics) == (method in ("hide", "ddas"))

@@ -17,8 +17,7 @@ DEFAULT_LA = 5e-4
 def write_run(path, method, seed, R, order="A", tasks=("x", "y"), **config):
     path.mkdir(parents=True)
     (path / "matrix.json").write_text(json.dumps({"tasks": list(tasks), "R": R}))
-    (path / "config.json").write_text(json.dumps({"method": method, "seed": seed, "order": order, "num_experts": 6,
-                                                  "lambda_a": DEFAULT_LA} | config))
+    (path / "config.json").write_text(json.dumps({"method": method, "seed": seed, "order": order} | study.DEFAULTS | config))
     return load_run(path)
 
 
