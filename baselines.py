@@ -565,7 +565,9 @@ class DDAS(_TaskExperts):
     def end_task(self, t):
         super().end_task(t)
         every = torch.stack([self._input(f) for f in self.features(self.stream[t].train)])
-        x, held_out = every[torch.arange(len(every)) % 10 != 9], every[9::10]  # the threshold's tenth
+        held = torch.arange(len(every)) % 10 == 9  # the threshold's tenth (at least one item)
+        held[-1] |= not held.any()
+        x, held_out = (every[~held] if (~held).any() else every), every[held]
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + t)
         with torch.random.fork_rng():
             torch.manual_seed(self.cfg.seed * 1000 + t)

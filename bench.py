@@ -160,14 +160,14 @@ def whole_runs(rounds: int, extra: list[str]) -> dict:
     return {m: {k: statistics.median(v) for k, v in s.items()} for m, s in seconds.items()}
 
 
-def against(other: Path, rounds: int) -> dict:
-    """Median wall seconds of `python train_stream.py` in this checkout and in `other`, alternated."""
+def against(other: Path, rounds: int, extra: list[str]) -> dict:
+    """Wall seconds of `python train_stream.py` (plus `extra` flags) in this checkout and in `other`, alternated."""
     here = Path(__file__).parent
     walls = {"here": [], "there": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             for name, where in (("there", other), ("here", here)):
-                cmd = [sys.executable, "train_stream.py", "--out", str(Path(tmp) / f"{name}-{r}"),
+                cmd = [sys.executable, "train_stream.py", *extra, "--out", str(Path(tmp) / f"{name}-{r}"),
                        "--cache-dir", str(here / "cache")]
                 start = time.perf_counter()
                 subprocess.run(cmd, cwd=where, check=True, capture_output=True, env=os.environ | {"PYTHONPATH": str(where)})
@@ -185,9 +185,10 @@ def main(argv=None):
     parser.add_argument("--whole-run", action="store_true", help="time whole short streams of moelora, pasmoe, seqlora")
     parser.add_argument("--against", type=Path, default=None, help="time the default job here and in this other checkout")
     parser.add_argument("--rounds", type=int, default=5, help="whole runs: rounds of interleaved runs (medians reported)")
+    parser.add_argument("--run-args", default="", help='whole runs: flags for every train_stream.py run, e.g. "--n-test 48"')
     args = parser.parse_args(argv)
     if args.whole_run:
-        found = whole_runs(args.rounds, ["--device", args.device])
+        found = whole_runs(args.rounds, ["--device", args.device, *args.run_args.split()])
         ref = found["moelora"]
         print(f"whole short streams ({' '.join(SHORT_STREAM)}), {args.device}, median of {args.rounds} interleaved rounds")
         print("| method | train s | eval s | train / moelora | eval / moelora |\n|---|---|---|---|---|")
@@ -195,9 +196,9 @@ def main(argv=None):
             print(f"| {m} | {s['train']:.1f} | {s['eval']:.1f} | {s['train'] / ref['train']:.3f} | {s['eval'] / ref['eval']:.3f} |")
         return
     if args.against:
-        walls = against(args.against, args.rounds)
+        walls = against(args.against, args.rounds, args.run_args.split())
         here, there = statistics.median(walls["here"]), statistics.median(walls["there"])
-        print(f"python train_stream.py, median wall of {args.rounds} alternated runs: {args.against} {there:.1f} s, "
+        print(f"python train_stream.py {args.run_args}, median wall of {args.rounds} alternated runs: {args.against} {there:.1f} s, "
               f"this checkout {here:.1f} s: {here / there:.2f}x")
         print("all runs (s):", {k: [round(v, 1) for v in vs] for k, vs in walls.items()})
         return

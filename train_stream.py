@@ -80,7 +80,7 @@ class RunConfig:
     olora_lambda1: float = 0.5  # olora: weight of the orthogonality term (O-LoRA's code)
     olora_lambda2: float = 0.0  # olora: weight of the new slice's L2 norm (O-LoRA's code)
     train_projector: bool = False  # the paper trains adapters only
-    lr: float = 2e-3
+    lr: float = 1.5e-3  # the calibrated setting (RESULTS.md, "How the stream was calibrated", step 9)
     epochs: int = 4
     batch_size: int = 8  # global batch (split across DDP ranks)
     warmup_ratio: float = 0.03
