@@ -29,7 +29,8 @@ calls at these points; the default hooks are plain sequential fine-tuning:
 
 METHODS maps each command-line name to its layer switches (pasmoe.PASsConfig; None: no PASs
 layers) and its class. This file imports pasmoe only; nothing here reads files, and what it
-knows of LLaVA is the module names seqft unfreezes. A method that needs passes of its own gets
+knows of LLaVA is the module names seqft unfreezes, the "layers.N." of decoder layers (HiDe's
+top layer) and the model's input embeddings (L2P). A method that needs passes of its own gets
 them from the loop: `forward` (EWC, MAS) and `features` (L2P, HiDe-LLaVA, DDAS).
 Hyperparameter defaults and where they come from: DESIGN.md, section 7.
 """
@@ -280,7 +281,7 @@ class LwF(Method):
             return {"distill": torch.zeros((), device=logits.device)}
         inputs = {"inputs_embeds": batch["inputs_embeds"], "attention_mask": batch["attention_mask"]}
         with torch.no_grad():
-            old = torch.func.functional_call(self.model, self.teacher, args=(), kwargs=inputs, strict=False).logits
+            old = torch.func.functional_call(self.model, self.teacher, args=(), kwargs=inputs, strict=False).logits[:, -labels.shape[1]:]
         kl = distillation_kl(answer_logits(logits, labels), answer_logits(old, labels), self.cfg.lwf_temperature)
         return {"distill": self.cfg.lwf_lambda * kl * batch["world"] / batch["n_tokens"]}
 
@@ -512,7 +513,7 @@ class HiDe(_TaskExperts):
         with torch.no_grad():
             for name, layer in self.layers.items():  # lower layers: expert 0 becomes the fusion of the seen ones
                 if name not in self.top:
-                    saved[name] = (layer.lora_A.clone(), layer.lora_B.clone(), layer.given_gate)
+                    saved[name] = (layer.lora_A[0].clone(), layer.lora_B[0].clone(), layer.given_gate)  # only expert 0 changes
                     layer.lora_A[0] = layer.lora_A[:self.seen].sum(0)
                     layer.lora_B[0] = layer.lora_B[:self.seen].sum(0)
                     layer.given_gate = F.one_hot(torch.tensor(0), len(self.stream)).float()
@@ -526,8 +527,8 @@ class HiDe(_TaskExperts):
                 for name, (A, B, gate) in saved.items():
                     layer = self.layers[name]
                     if A is not None:
-                        layer.lora_A.copy_(A)
-                        layer.lora_B.copy_(B)
+                        layer.lora_A[0] = A
+                        layer.lora_B[0] = B
                     layer.given_gate = gate
 
     def state_dict(self):
@@ -569,7 +570,7 @@ class DDAS(_TaskExperts):
         held[-1] |= not held.any()
         x, held_out = (every[~held] if (~held).any() else every), every[held]
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + t)
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[]):  # the autoencoder lives on the CPU
             torch.manual_seed(self.cfg.seed * 1000 + t)
             ae = nn.Sequential(nn.Linear(x.shape[1], self.code), nn.ReLU(), nn.Linear(self.code, x.shape[1]), nn.Sigmoid())
         opt = torch.optim.Adam(ae.parameters(), lr=self.lr, weight_decay=self.weight_decay)

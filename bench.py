@@ -1,6 +1,6 @@
 """Speed and memory, as ratios against baselines measured in the same run.
 
-    python bench.py                       the layer: CPU, float32, the issue's shapes
+    python bench.py                       the layer: CPU, float32, the default shapes
     python bench.py --device cuda --dtype bfloat16 --shapes 12288x4096x6x128
     python bench.py --whole-run           whole short streams of moelora, pasmoe, seqlora
     python bench.py --against DIR         `python train_stream.py` here and in checkout DIR

@@ -405,7 +405,7 @@ def _sanity(seed: int, n_train: int, n_test: int) -> tuple[Task, ...]:
     return tuple(tasks)
 
 
-def sanity_stream(seed: int = 0, order: str = "A", n_train: int = 320, n_test: int = 48) -> list[Task]:
+def sanity_stream(seed: int = 0, order: str = "A", n_train: int = 320, n_test: int = 192) -> list[Task]:
     """The seven offline tasks, deterministic for a seed; train and test never share an item."""
     by_key = {t.key: t for t in _sanity(seed, n_train, n_test)}
     return [by_key[k] for k in task_order(order)]
@@ -579,6 +579,10 @@ def length_problems(tasks: list[Task], collate: Collator, max_length: int, conte
     """
     problems, cut = [], {}
     for task in tasks:
+        if not task.train or not task.test:
+            problems.append(f"{task.key}: {len(task.train)} training and {len(task.test)} test items; a task needs both "
+                            f"(check its files, or --limit)")
+            continue
         collate.encode_all(task.train + task.test, desc=f"tokenizing {task.key}")
         train = [collate.length(ex) for ex in task.train]
         long_prompts = [p for p, _ in train if p >= max_length]

@@ -381,6 +381,8 @@ def embed(bundle: LlavaBundle, batch: dict) -> torch.Tensor:
         if slots.sum() != feats.shape[0] * feats.shape[1]:
             raise ValueError(f"{int(slots.sum())} <image> positions for {feats.shape[0]} images of {feats.shape[1]} features")
         embeds = embeds.masked_scatter(slots.unsqueeze(-1), feats.to(embeds.dtype))
+    elif any(p.requires_grad for p in model.model.multi_modal_projector.parameters()):  # a text-only batch: DDP
+        embeds = embeds + 0.0 * sum(p.sum() for p in model.model.multi_modal_projector.parameters())  # wants it in the graph
     return embeds
 
 

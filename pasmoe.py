@@ -137,8 +137,8 @@ class PASsMoELinear(nn.Module):
         if self._token_mask is not None and torch._C._current_graph_task_id() == -1:  # not a checkpoint replay
             _count(self, z.detach(), pi.detach())  # Eq. 9; replays of gradient checkpointing run inside backward
         mix = _MixLowRank.apply if torch.is_grad_enabled() else _MixLowRank.mix  # no graph: no Function needed
-        delta = mix(z.flatten(0, -3), pi.flatten(0, -2), self.lora_B, self.scaling)  # (n, o)
-        return self.base(x) + delta.view(*x.shape[:-1], -1)
+        delta = mix(z.reshape(-1, *z.shape[-2:]), pi.reshape(-1, pi.shape[-1]), self.lora_B, self.scaling)  # (n, o)
+        return self.base(x) + delta.reshape(*x.shape[:-1], delta.shape[-1])
 
     def task_importance(self) -> torch.Tensor:
         """I(t) of Eq. 9: (e, r), the mean of pi_e z_ek^2 over the tokens counted so far."""
@@ -180,7 +180,7 @@ def _count(layer: PASsMoELinear, z: torch.Tensor, pi: torch.Tensor) -> None:
         raise ValueError(f"token_mask has shape {tuple(mask.shape)}, the tokens {tuple(z.shape[:-2])}: pass their attention mask")
     pad = ~mask.to(z.device, torch.bool).reshape(-1, 1, 1)  # (n, 1, 1)
     z = z.reshape(-1, *z.shape[-2:]).float().masked_fill(pad, 0.0)  # (n, e, r); padding gives 0, even if inf
-    pi = pi.reshape(-1, pi.shape[-1]).masked_fill(pad[:, 0], 0.0)  # (n, e)
+    pi = pi.reshape(-1, pi.shape[-1]).float().masked_fill(pad[:, 0], 0.0)  # (n, e)
     layer.task_importance_sum += torch.einsum("ne,ner->er", pi, z.square())
     layer.task_tokens += (~pad).sum()
 

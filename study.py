@@ -140,13 +140,16 @@ def _value(run: dict, what: str) -> float | None:
     """One quantity of one run: AP or BWT, or from its analyses (None where it has none)."""
     if what in ("ap", "bwt"):
         return run["metrics"][what]
-    found = run.setdefault("analyses", evaluate.analyses(run))
+    if "analyses" not in run:  # computed once per run, however many tables ask
+        run["analyses"] = evaluate.analyses(run)
+    found = run["analyses"]
     if what == "drift":
         return found["router_drift"]["mean"] if "router_drift" in found else None
     if what == "top10":
         return 100 * found["importance"]["top10_share"] if "importance" in found else None
-    ratio = found["updates"]["top_over_bottom"] if "updates" in found else None  # most / least important decile
-    return None if ratio is None else ratio if what == "decile" else 1 / ratio - 1
+    key = "updates_B" if what == "decile_B" else "updates"
+    ratio = found[key]["top_over_bottom"] if key in found else None  # most / least important decile
+    return None if not ratio else 1 / ratio - 1 if what == "decile_gap" else ratio
 
 
 def _values(runs: list[dict], what: str) -> dict[int, float]:
@@ -161,8 +164,18 @@ def _cells(values: list[float], digits: int = 1) -> str:
 def calibration(runs: list[dict]) -> str:
     """Per order: every seed's AP, BWT and lowest just-trained score of the reference methods, and
     whether each criterion of CALIBRATION holds in every seed."""
+    return _calibration(runs)[0]
+
+
+def calibrated_orders(runs: list[dict]) -> set[str]:
+    """The orders on which every criterion of CALIBRATION holds (the reference runs among `runs`)."""
+    return _calibration([r for r in select(runs) if r["method"] in REFERENCES])[1]
+
+
+def _calibration(runs: list[dict]) -> tuple[str, set[str]]:
     c = CALIBRATION
     rows = ["| order | method | seeds | AP, each seed | AP mean | BWT, each seed | lowest just-trained |", "|---|---|---|---|---|---|---|"]
+    passed = set()
     checks = [f"| order | every task learned (≥ {c['learned']:g}) | joint AP ≥ {c['joint_ap']:g} | seqlora BWT in "
               f"[{c['seqlora_bwt'][0]:g}, {c['seqlora_bwt'][1]:g}] | replay AP ≥ seqlora AP + {c['replay_gap']:g}, ranges "
               f"apart | all |", "|---|---|---|---|---|---|"]
@@ -189,7 +202,9 @@ def calibration(runs: list[dict]) -> str:
         ]
         cells = [("yes" if ok else "**NO**") + f" ({why})" for ok, why in verdicts]
         checks.append(f"| {order} | " + " | ".join(cells) + f" | {'yes' if all(ok for ok, _ in verdicts) else '**NO**'} |")
-    return "\n".join(rows) + "\n\n" + "\n".join(checks) + "\n"
+        if all(ok for ok, _ in verdicts):
+            passed.add(order)
+    return "\n".join(rows) + "\n\n" + "\n".join(checks) + "\n", passed
 
 
 def verdict(mean: float, low: float, high: float) -> str:
@@ -198,8 +213,10 @@ def verdict(mean: float, low: float, high: float) -> str:
     return "supported" if low > 0 else "contradicted" if high < 0 else f"not resolved (±{(high - low) / 2:.2f})"
 
 
-def claims(runs: list[dict]) -> str:
-    """Each claim on orders A and B: every seed's difference, its mean and 95% paired t-interval, the verdict."""
+def claims(runs: list[dict], calibrated: set[str] | None = None) -> str:
+    """Each claim on orders A and B: every seed's difference, its mean and 95% paired t-interval, and
+    the verdict, given only on the orders that pass the calibration (`calibrated`: from the runs)."""
+    calibrated = calibrated_orders(runs) if calibrated is None else calibrated
     rows = ["| claim | what | order | seeds | a − b, each seed | mean [95% interval] | verdict |", "|---|---|---|---|---|---|---|"]
     for claim, what, metric, a, b in CLAIMS:
         for order in ("A", "B"):
@@ -211,8 +228,9 @@ def claims(runs: list[dict]) -> str:
                 continue
             mean, low, high = paired_difference([va[s] for s in seeds], [vb[s] for s in seeds])
             digits = 4 if metric == "drift" else 2
+            judged = verdict(mean, low, high) if order in calibrated else f"not judged (order {order} is not calibrated)"
             rows.append(f"| {claim} | {what} | {order} | {len(seeds)} | {_cells([va[s] - vb[s] for s in seeds], digits)} | "
-                        f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] | {verdict(mean, low, high)} |")
+                        f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] | {judged} |")
     return "\n".join(rows) + "\n"
 
 
@@ -319,10 +337,7 @@ def mechanisms(runs: list[dict]) -> str:
             continue
         cells = []
         for key, digits in (("drift", 4), ("top10", 1), ("decile", 2), ("decile_B", 2)):
-            if key == "decile_B":
-                values = [r.setdefault("analyses", evaluate.analyses(r))["updates_B"]["top_over_bottom"] for r in rs]
-            else:
-                values = list(_values(rs, key).values()) if m != "pas-rw" or key != "decile" else []
+            values = list(_values(rs, key).values()) if m != "pas-rw" or not key.startswith("decile") else []
             if len(values) > 1:
                 mean, low, high = paired_difference(values, [0.0] * len(values))
                 cells.append(f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]")
@@ -459,6 +474,9 @@ def main(argv=None) -> None:
     parser.add_argument("--parts", nargs="+", default=list(PLAN), choices=list(PLAN), help="parts to run (default: all)")
     parser.add_argument("--report", action="store_true", help="only write the tables and figures of the finished runs")
     args, shared = parser.parse_known_args(argv)
+    varied = [f for f in shared if f.split("=")[0].lstrip("-").replace("-", "_") in {*DEFAULTS, "order", "lambda_b", "method", "seed"}]
+    if varied:
+        parser.error(f"the study sets {', '.join(varied)} itself (its plan varies them, and its tables select by them)")
     if not args.report:
         base, resume = ts.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in SHARED.items()] + shared)
         if resume or base.out or base.method != "pasmoe" or base.seed != 0:

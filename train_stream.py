@@ -276,8 +276,8 @@ def train_task(cfg, t, task, examples, method, bundle, model, collate, device, l
                 embeds, mask = llava_wrap.inputs(bundle, inputs)  # a method may prepend to both (L2P)
                 logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, -labels.shape[1]:]
                 loss_task = task_loss(logits, labels, n_tokens, world)
-                extra = method.extra_loss(inputs | {"inputs_embeds": embeds, "labels": labels, "logits": logits,
-                                                    "n_tokens": n_tokens, "world": world})
+                extra = method.extra_loss(inputs | {"inputs_embeds": embeds, "attention_mask": mask, "labels": labels,
+                                                    "logits": logits, "n_tokens": n_tokens, "world": world})
             loss = loss_task + sum(v.to(loss_task.device) for v in extra.values())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
@@ -298,21 +298,26 @@ def train_task(cfg, t, task, examples, method, bundle, model, collate, device, l
 
 def flush_log(pending: list, log, task, t: int, bar) -> None:
     """Write the pending steps' log lines, fetching their values in one transfer, and stop the
-    run at the first non-finite loss among them (the last finished task's checkpoint is intact)."""
+    run at the first non-finite loss among them, in every process at the same step (the last
+    finished task's checkpoint is intact)."""
     if not pending:
         return
-    rows = torch.stack([values for _, values, _ in pending]).tolist()
-    for (record, _, names), row in zip(pending, rows):
-        if not math.isfinite(row[0]):
+    values = torch.stack([v for _, v, _ in pending])
+    bad = (~torch.isfinite(values[:, 0])).int()  # per step, in this process
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    rows = values.tolist()
+    for (record, _, names), row, stop in zip(pending, rows, bad.tolist()):
+        if stop:
             raise FloatingPointError(
-                f"non-finite loss ({row[0]}) in task {t + 1} ({task.key}) at step {record['step']}: the "
+                f"non-finite loss (here {row[0]}) in task {t + 1} ({task.key}) at step {record['step']}: the "
                 f"checkpoint of the last completed task is intact; lower --lr or check the data, then --resume")
         log(record | dict(zip(names, row)))
     bar.set_postfix(loss=f"{rows[-1][1]:.3f}")
     pending.clear()
 
 
-def importance_mask(which: str, batch: dict, labels: torch.Tensor, image_id: int) -> torch.Tensor:
+def importance_mask(which: str, batch: dict, image_id: int) -> torch.Tensor:
     """The tokens Eq. 9 averages over. "all": every attended token (the paper's "tokens of
     task t": image, prompt and answer; padding never counts); "text": no image tokens;
     "answer": the answer tokens (those with a label)."""
@@ -320,7 +325,7 @@ def importance_mask(which: str, batch: dict, labels: torch.Tensor, image_id: int
     if which == "text":
         mask = mask & (batch["input_ids"] != image_id)
     elif which == "answer":
-        mask = mask & (labels != data.IGNORE)
+        mask = mask & (batch["labels"] != data.IGNORE)
     return mask
 
 
@@ -343,7 +348,7 @@ def importance_pass(cfg, task, bundle, collate, device, rank, world) -> None:
         batch = llava_wrap.to_device(collate.train(examples), device)
         with autocast(cfg, device):
             embeds, attention = llava_wrap.inputs(bundle, batch)
-            mask = _prefixed(importance_mask(cfg.importance_tokens, batch, batch["labels"], bundle.model.config.image_token_index), embeds)
+            mask = _prefixed(importance_mask(cfg.importance_tokens, batch, bundle.model.config.image_token_index), embeds)
             with track_importance(bundle.model, token_mask=mask):
                 bundle.model(inputs_embeds=embeds, attention_mask=attention)
 
@@ -528,7 +533,7 @@ def open_run(run: Run, resume: bool) -> dict:
             print(f"resuming {out} after task {state['completed']} of {T}")
             done = set(run.keys[:state["completed"]])  # drop the log lines of the interrupted task
             lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
-            atomic_write(out / "log.jsonl", "".join(l + "\n" for l in lines if json.loads(l)["task"] in done))
+            atomic_write(out / "log.jsonl", "".join(l + "\n" for l in lines if _logged_task(l) in done))
             config = json.loads((out / "config.json").read_text())
             if config["image_root"] != cfg.image_root:  # a path may move between attempts
                 atomic_write(out / "config.json", json.dumps(config | {"image_root": cfg.image_root}, indent=1))
@@ -536,7 +541,8 @@ def open_run(run: Run, resume: bool) -> dict:
         out.mkdir(parents=True, exist_ok=False)
         for sub in ("ckpt", "predictions", "gates"):
             (out / sub).mkdir()
-        config = asdict(cfg) | {"pas_config": asdict(cfg.pas_config()) if cfg.pas_config() else None, "base": run.bundle.name, "base_info": run.bundle.info,
+        pas = cfg.pas_config()
+        config = asdict(cfg) | {"pas_config": asdict(pas) if pas else None, "base": run.bundle.name, "base_info": run.bundle.info,
                                 "tasks": run.keys, "world_size": run.world} | environment(run.device)
         atomic_write(out / "config.json", json.dumps(config, indent=1))
         trainable, _ = llava_wrap.count_parameters(run.bundle.model)
@@ -546,6 +552,15 @@ def open_run(run: Run, resume: bool) -> dict:
     if is_main():
         run.log_file = open(out / "log.jsonl", "a")
     return state
+
+
+def _logged_task(line: str) -> str | None:
+    """The task of a log line; None for a line that a hard kill cut short (it belongs to the
+    interrupted task, whose lines are dropped anyway)."""
+    try:
+        return json.loads(line)["task"]
+    except json.JSONDecodeError:
+        return None
 
 
 def save_state(run: Run, state: dict) -> None:
@@ -567,6 +582,7 @@ def run_task(run: Run, state: dict, t: int) -> None:
         end_task(run.bundle.model)
         run.method.end_task(t)
     state["train_s"].append(round(time.time() - start, 2))
+    state.setdefault("trained", []).append(examples is not None)
     if is_main():
         llava_wrap.save_adapters(run.bundle.model, run.out / "ckpt" / f"task{t + 1}.safetensors", meta={"task": task.key, "index": t})
         method_state = run.method.state_dict()
@@ -583,7 +599,7 @@ def evaluate_after(run: Run, state: dict, t: int) -> None:
     """Evaluate after task t (row t of R), keep the probes' gates, print the row (rank 0)."""
     start = time.time()
     cfg, task, last = run.cfg, run.tasks[t], t == len(run.tasks) - 1
-    trained = run.method.examples(t) is not None
+    trained = state["trained"][t] if "trained" in state else run.method.examples(t) is not None  # older runs: ask
     if is_main():
         evaluated = [] if not trained else range(t + 1) if cfg.eval == "full" or last else [t]
         for j in evaluated:
@@ -598,6 +614,8 @@ def evaluate_after(run: Run, state: dict, t: int) -> None:
                 torch.save(probe_gates(cfg, old, run.bundle, run.collate, run.device, run.method), run.out / "gates" / f"{old.key}_final.pt")
         state["evaluated"] = t + 1
         state["eval_s"].append(round(time.time() - start, 2))
+        if run.method.task_id_accuracy() is not None:  # HiDe-LLaVA, DDAS: kept with the state, which survives a resume
+            state["task_id_accuracy"] = run.method.task_id_accuracy()
         save_state(run, state)
         row = " ".join("    -" if v is None else f"{v:5.1f}" for v in state["R"][t])
         cut = run.cut.get(task.key)
@@ -615,8 +633,8 @@ def finish(run: Run, state: dict) -> None:
     run.log_file.close()
     metrics = evaluate.cl_metrics(state["R"]) | {"train_s": state["train_s"], "eval_s": state["eval_s"],
                                                   "truncated": state["truncated"]}
-    if run.method.task_id_accuracy() is not None:  # HiDe-LLaVA, DDAS: how often they picked the right expert
-        metrics["task_id_accuracy"] = run.method.task_id_accuracy()
+    if "task_id_accuracy" in state:  # HiDe-LLaVA, DDAS: how often they picked the right expert, at the end
+        metrics["task_id_accuracy"] = state["task_id_accuracy"]
     atomic_write(run.out / "matrix.json", json.dumps({"tasks": run.keys, "R": state["R"]}, indent=1))
     atomic_write(run.out / "metrics.json", json.dumps(metrics, indent=1))
     evaluate.main([str(run.out)])
@@ -666,7 +684,7 @@ def parse_args(argv=None) -> tuple[RunConfig, Path | None]:
     preset = dict(PAPER_RECIPE) if args.get("recipe") == "paper" else {}
     if preset and args["alpha"] is None and (args["rank"] or args["total_rank"]):  # keep the recipe's alpha / r = 2
         E = args["num_experts"] or preset["num_experts"]
-        preset["alpha"] = 2.0 * (args["rank"] or args["total_rank"] // E)
+        preset["alpha"] = 2.0 * (args["total_rank"] // E if args["total_rank"] else args["rank"])  # as pas_config reads them
     cfg = RunConfig(**(preset | {k: v for k, v in args.items() if v is not None}))
     if cfg.recipe == "paper" and cfg.model == "tiny":
         parser.error("--recipe paper is LLaVA-1.5-7B's: add --model llava-hf/llava-1.5-7b-hf (or a local copy)")

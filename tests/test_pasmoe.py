@@ -379,12 +379,26 @@ def test_inject_matches_pattern_and_refuses_twice():
 
 
 def test_hand_written_backward_passes_gradcheck():
-    from pasmoe import _MixLowRank
+    # planted bugs: the softmax's backward without its mean term, tau left out of it, ds/dz
+    # without its factor 2 / r, the scaling applied twice in _MixLowRank's backward
+    from pasmoe import _EnergyGate, _MixLowRank
 
     z = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
     pi = torch.softmax(torch.randn(5, 3, dtype=torch.float64), -1).requires_grad_()
     B = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda z, pi, B: _MixLowRank.apply(z, pi, B, 1.7), (z, pi, B))
+    assert torch.autograd.gradcheck(lambda z: _EnergyGate.apply(z, 1.7), (z,))
+
+
+def test_reads_inputs_as_a_linear_does_float64_and_unbatched_too():
+    # planted bugs: importance counted with pi in another dtype than z (einsum fails under
+    # float64), an unbatched (d,) input refused although nn.Linear takes it
+    layer = make_layer("pas").double()
+    x = torch.randn(D_IN, dtype=torch.float64)
+    with torch.no_grad(), track_importance(layer):
+        y = layer(x)
+    assert y.shape == (D_OUT,) and layer.task_tokens.item() == 1
+    assert torch.allclose(y, layer(x.unsqueeze(0))[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -223,7 +223,8 @@ def test_data_check_measures_prompts_with_the_checkpoints_tokenizer(bench, capsy
 
 def test_recipe_overrides_keep_its_scaling():
     # planted bug: --rank 4 under --recipe paper kept alpha 256 (alpha / r jumped from 2 to 64)
-    for extra, scaling in ((["--rank", "4"], 2.0), (["--total-rank", "24"], 2.0), (["--rank", "4", "--alpha", "16"], 4.0)):
+    for extra, scaling in ((["--rank", "4"], 2.0), (["--total-rank", "24"], 2.0), (["--rank", "4", "--alpha", "16"], 4.0),
+                           (["--rank", "8", "--total-rank", "24"], 2.0)):  # the total wins, as pas_config reads them
         pas = ts.parse_args(["--recipe", "paper", "--model", "some/llava", *extra])[0].pas_config()
         assert pas.alpha / pas.rank == scaling, extra
 
