@@ -213,9 +213,10 @@ def verdict(mean: float, low: float, high: float) -> str:
     return "supported" if low > 0 else "contradicted" if high < 0 else f"not resolved (±{(high - low) / 2:.2f})"
 
 
-def claims(runs: list[dict], calibrated: set[str] | None = None) -> str:
+def claims(runs: list[dict], calibrated: set[str] | None = None, planned: int = PLAN["claims"][1]) -> str:
     """Each claim on orders A and B: every seed's difference, its mean and 95% paired t-interval, and
-    the verdict, given only on the orders that pass the calibration (`calibrated`: from the runs)."""
+    the verdict, given only on the orders that pass the calibration (`calibrated`: from the runs)
+    and only once all `planned` seeds are in (no interval is shown before: no peeking)."""
     calibrated = calibrated_orders(runs) if calibrated is None else calibrated
     rows = ["| claim | what | order | seeds | a − b, each seed | mean [95% interval] | verdict |", "|---|---|---|---|---|---|---|"]
     for claim, what, metric, a, b in CLAIMS:
@@ -223,8 +224,8 @@ def claims(runs: list[dict], calibrated: set[str] | None = None) -> str:
             va = _values(select(runs, a, order=order), metric)
             vb = _values(select(runs, b, order=order), metric) if isinstance(b, str) else {s: b for s in va}
             seeds = sorted(set(va) & set(vb))
-            if len(seeds) < 2:
-                rows.append(f"| {claim} | {what} | {order} | {len(seeds)} | | | needs runs |")
+            if len(seeds) < planned:
+                rows.append(f"| {claim} | {what} | {order} | {len(seeds)} | | | waiting ({len(seeds)} of {planned} seeds) |")
                 continue
             mean, low, high = paired_difference([va[s] for s in seeds], [vb[s] for s in seeds])
             digits = 4 if metric == "drift" else 2

@@ -60,14 +60,16 @@ def test_verdicts_follow_the_rule_written_before_the_runs():
 
 
 def test_claims_pair_runs_by_seed(tmp_path):
-    # planted bugs: differences taken between different seeds (sorted by value), or a claim
-    # read in the wrong direction
+    # planted bugs: differences taken between different seeds (sorted by value), a claim read in
+    # the wrong direction, or a verdict (or interval) shown before every planned seed is in
     runs = []
     for seed, (pas, moe) in enumerate([(80, 70), (90, 82), (70, 61), (60, 52)]):
         runs.append(write_run(tmp_path / f"p{seed}", "pasmoe", seed, [[pas, None], [pas, pas]]))
         runs.append(write_run(tmp_path / f"m{seed}", "moelora", seed, [[moe, None], [moe, moe]]))
-    rows = [line for line in study.claims(runs, calibrated={"A"}).splitlines() if "full method above MoELoRA" in line and "| A |" in line]
-    assert "not judged (order A is not calibrated)" in study.claims(runs, calibrated=set())  # the rule: calibrated orders only
+    rows = [line for line in study.claims(runs, calibrated={"A"}, planned=4).splitlines() if "full method above MoELoRA" in line and "| A |" in line]
+    assert "not judged (order A is not calibrated)" in study.claims(runs, calibrated=set(), planned=4)  # calibrated orders only
+    early = [line for line in study.claims(runs, calibrated={"A"}, planned=5).splitlines() if "full method above MoELoRA" in line and "| A |" in line]
+    assert early[0].endswith("| 4 | | | waiting (4 of 5 seeds) |")
     cells = [c.strip() for c in rows[0].split("|")[1:-1]]
     assert cells[3] == "4" and cells[4] == "10.00 8.00 9.00 8.00" and cells[6] == "supported"
     mean, low, high = paired_difference([80, 90, 70, 60], [70, 82, 61, 52])
