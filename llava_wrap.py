@@ -23,7 +23,6 @@ so that the frozen vision tower's features can be computed once per image and ke
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -157,10 +156,15 @@ def tiny_llava(cfg: TinyConfig = TinyConfig()) -> LlavaBundle:
     return LlavaBundle(model, tok, n_image, _tensor_image, name="tiny")
 
 
+_BUILT_FROM = (Path(__file__), Path(data.__file__))  # the model, tokenizer and loop; the data and collator
+
+
 def _tiny_key(cfg: TinyConfig) -> str:
-    """Cache key: the tiny config, the vocabulary, the building code and the pretraining data."""
-    code = inspect.getsource(tiny_llava) + inspect.getsource(_pretrain)
-    digest = hashlib.sha256(json.dumps([asdict(cfg), data.vocabulary(), code], sort_keys=True).encode())
+    """Cache key: the tiny config, torch's version, the whole text of the files that build and feed
+    the base (any edit there means one rebuild, a few minutes) and the pretraining data. A key of
+    a few functions' source missed the tokenizer and the collator, and a stale base was loaded."""
+    code = [f.read_text() for f in _BUILT_FROM]
+    digest = hashlib.sha256(json.dumps([asdict(cfg), torch.__version__, code], sort_keys=True).encode())
     for ex in data.pretrain_mixture(cfg.seed):
         digest.update((ex.problem + ex.solution).encode())
         if ex.image is not None:
@@ -212,8 +216,9 @@ def _pretrain(bundle: LlavaBundle, cfg: TinyConfig) -> dict:
 
 
 def pretrained_tiny(cache_dir: str | Path = "cache", cfg: TinyConfig = TinyConfig()) -> LlavaBundle:
-    """The tiny LLaVA after generic pretraining: loaded from cache_dir, or built (about two
-    minutes on 2 CPU cores) and cached under a key of its config and data."""
+    """The tiny LLaVA after generic pretraining: loaded from cache_dir, or built (a few minutes,
+    on one thread so that every machine of a kind builds the same weights) and cached under a
+    key of its config, code and data."""
     from transformers import LlavaForConditionalGeneration
 
     path = Path(cache_dir) / f"tiny-llava-{_tiny_key(cfg)}"
@@ -225,7 +230,12 @@ def pretrained_tiny(cache_dir: str | Path = "cache", cfg: TinyConfig = TinyConfi
     bundle.name = path.name
     print(f"building the pretrained tiny base in {path} (once; cached)")
     start = time.time()
-    bundle.info = _pretrain(bundle, cfg) | {"seconds": round(time.time() - start, 1)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # sums in one order: the same base whatever the machine's thread count
+    try:
+        bundle.info = _pretrain(bundle, cfg) | {"seconds": round(time.time() - start, 1)}
+    finally:
+        torch.set_num_threads(threads)
     print(f"tiny base: held-out exact match {bundle.info['held_out_exact_match']:.1f}% "
           f"(per kind {bundle.info['per_kind']}) after {cfg.pretrain_steps} steps ({bundle.info['seconds']} s)")
     path.parent.mkdir(parents=True, exist_ok=True)
