@@ -295,16 +295,22 @@ def two_tasks(n=320, seed=0):
     return tasks, lambda examples: [{"image": None, "text": feats[ex]} for ex in examples]
 
 
-@pytest.mark.parametrize("cls", [HiDe, DDAS])
-def test_the_selectors_identify_the_task_when_tasks_differ(cls):
-    # planted bugs: anchors (or autoencoders) indexed by the wrong task, the argmax taken over the
-    # wrong axis, a softmax over the batch instead of over the tasks
-    tasks, features = two_tasks()
+def after_two_tasks(cls, tasks, features):
+    """A selector method on a fresh two-layer model, through both tasks' begin and end."""
     model = Layers()
     method = cls(SimpleNamespace(seed=0), model, tasks, None, features)
     for t in range(2):
         method.begin_task(t)
         method.end_task(t)
+    return model, method
+
+
+@pytest.mark.parametrize("cls", [HiDe, DDAS])
+def test_the_selectors_identify_the_task_when_tasks_differ(cls):
+    # planted bugs: anchors (or autoencoders) indexed by the wrong task, the argmax taken over the
+    # wrong axis, a softmax over the batch instead of over the tasks
+    tasks, features = two_tasks()
+    model, method = after_two_tasks(cls, tasks, features)
     for t, task in enumerate(tasks):
         w = method.weights(features(task.test))
         assert (w.argmax(dim=1) == t).float().mean() >= 0.95, (cls.__name__, task.key)
@@ -335,11 +341,7 @@ def test_hide_fuses_the_lower_layers_and_mixes_the_top_one():
     # planted bugs: the fusion as sum_t B_t A_t (the original's code sums A's and B's, cross terms
     # included), the mixture put in the lower layers, the experts not restored after evaluation
     tasks, features = two_tasks()
-    model = Layers()
-    method = HiDe(SimpleNamespace(seed=0), model, tasks, None, features)
-    for t in range(2):
-        method.begin_task(t)
-        method.end_task(t)
+    model, method = after_two_tasks(HiDe, tasks, features)
     low, top = model.layers[0]["proj"], model.layers[1]["proj"]
     A, B = low.lora_A.detach().clone(), low.lora_B.detach().clone()
     x = torch.randn(1, 1, D)

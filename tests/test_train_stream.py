@@ -50,6 +50,22 @@ def learn(cache, out, *extra):
     return cfg
 
 
+def crash_at_step(monkeypatch, cfg, step):
+    """Run cfg and kill it (KeyboardInterrupt) at training step `step`, counted over the run."""
+    real_loss, calls = ts.task_loss, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(ts, "task_loss", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        ts.run(cfg)
+    monkeypatch.setattr(ts, "task_loss", real_loss)
+
+
 def assert_checkpoints_close(a_path, b_path, keys=None):
     """Two runs of one code path on one machine: equal up to float noise. The tolerance, 1e-4
     of each tensor's scale, is far below what the planted bugs move (a resume that does not
@@ -114,18 +130,7 @@ def test_resume_after_a_crash_in_a_task_equals_an_uninterrupted_run(reference_ru
     # planted bugs: resume that does not load the adapters (or the anchors and importance),
     # and AdamW carried across tasks (the resumed run starts task 2 with a fresh one)
     out = tmp_path / "crashed"
-    real_loss, calls = ts.task_loss, []
-
-    def crash_in_task_two(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == STEPS + 2:  # the second step of task 2
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(ts, "task_loss", crash_in_task_two)
-    with pytest.raises(KeyboardInterrupt):
-        ts.run(learn(cache, out))
-    monkeypatch.setattr(ts, "task_loss", real_loss)
+    crash_at_step(monkeypatch, learn(cache, out), STEPS + 2)  # the second step of task 2
     assert json.loads((out / "state.json").read_text())["completed"] == 1
 
     cfg, resume = ts.parse_args(["--resume", str(out)])
@@ -264,18 +269,7 @@ def test_resume_restores_the_methods_own_state(cache, tmp_path, monkeypatch, met
     reference = tmp_path / "ref"
     ts.run(small(cache, reference, "--method", method))
     out = tmp_path / "crashed"
-    real_loss, calls = ts.task_loss, []
-
-    def crash_in_task_two(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(ts, "task_loss", crash_in_task_two)
-    with pytest.raises(KeyboardInterrupt):
-        ts.run(small(cache, out, "--method", method))
-    monkeypatch.setattr(ts, "task_loss", real_loss)
+    crash_at_step(monkeypatch, small(cache, out, "--method", method), 3)  # in task 2
     ts.run(*ts.parse_args(["--resume", str(out)]))
     assert json.loads((out / "matrix.json").read_text()) == json.loads((reference / "matrix.json").read_text())
     assert_checkpoints_close(out / "ckpt" / "method2.safetensors", reference / "ckpt" / "method2.safetensors")
@@ -396,18 +390,7 @@ def test_seqft_resume_restores_the_full_weights(cache, tmp_path, monkeypatch):
     reference = tmp_path / "ref"
     ts.run(small(cache, reference, "--method", "seqft"))
     out = tmp_path / "crashed"
-    real_loss, calls = ts.task_loss, []
-
-    def crash_in_task_two(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(ts, "task_loss", crash_in_task_two)
-    with pytest.raises(KeyboardInterrupt):
-        ts.run(small(cache, out, "--method", "seqft"))
-    monkeypatch.setattr(ts, "task_loss", real_loss)
+    crash_at_step(monkeypatch, small(cache, out, "--method", "seqft"), 3)  # in task 2
     ts.run(*ts.parse_args(["--resume", str(out)]))
     saved = load_file(out / "ckpt" / "task1.safetensors")
     assert any(k.startswith("model.language_model.layers.") for k in saved) and "lm_head.weight" in saved
