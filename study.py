@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import socket
 import statistics
 import sys
 from pathlib import Path
@@ -92,7 +94,8 @@ def run_name(cfg: ts.RunConfig, overrides: dict) -> str:
 
 def run_study(base: ts.RunConfig, out_dir: Path, parts: list[str]) -> None:
     """Every run of these parts on top of `base`: finished runs are reused, broken ones resumed,
-    and a run that another study process holds (its lock file) is left to it."""
+    and a run that another study process holds (its lock file) is left to it, unless that
+    process, on this host, is gone."""
     fields = [f.name for f in dataclasses.fields(ts.RunConfig) if f.name != "out"]
     for part in parts:
         variants, seeds = PLAN[part]
@@ -110,9 +113,7 @@ def run_study(base: ts.RunConfig, out_dir: Path, parts: list[str]) -> None:
                     if (run_dir / "metrics.json").exists():
                         continue
                 lock.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    lock.open("x").close()
-                except FileExistsError:
+                if not take_lock(lock):
                     print(f"[{part}] {name}: another study process holds {lock} (delete it if none does)")
                     continue
                 try:
@@ -120,6 +121,32 @@ def run_study(base: ts.RunConfig, out_dir: Path, parts: list[str]) -> None:
                     ts.run(cfg, resume=run_dir if run_dir.exists() else None)
                 finally:
                     lock.unlink()
+
+
+def take_lock(lock: Path) -> bool:
+    """Create `lock` holding this process's host and pid. A lock whose process, on this host, is
+    gone (a killed study) is taken over; one of a live process, or of another host, is not."""
+    try:
+        with lock.open("x") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}")
+        return True
+    except FileExistsError:
+        host, _, pid = lock.read_text().partition(" ")
+        if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+            return False
+        print(f"{lock}: its process {pid} is gone; taking the run over")
+        lock.unlink(missing_ok=True)
+        return take_lock(lock)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 # ---- reading it ----

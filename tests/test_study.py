@@ -134,3 +134,21 @@ def test_paper_comparison_puts_ours_and_the_papers_side_by_side(tmp_path):
     mean, low, high = paired_difference([55.0, 65.0], [0.0, 0.0])
     assert rows[0] == ["seqlora", "2", f"{mean:.1f} [{low:.1f}, {high:.1f}]", rows[0][3], "SeqLoRA", "28.24", "-22.09"]
     assert rows[1] == ["joint", "1", "90.0", "-", "not in the paper", "-", "-"]
+
+
+def test_a_lock_left_by_a_killed_study_is_taken_over(tmp_path):
+    # planted bugs: a lock held forever after a kill (the study then skips that run until someone
+    # deletes the file), or a live process's lock taken (two processes train one run)
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock = tmp_path / ".run.lock"
+    lock.write_text(f"{socket.gethostname()} {gone.pid}")
+    assert study.take_lock(lock) and lock.read_text() == f"{socket.gethostname()} {os.getpid()}"
+    assert not study.take_lock(lock)  # now held by this live process
+    lock.write_text(f"another-host {gone.pid}")
+    assert not study.take_lock(lock)  # another host's process cannot be asked
