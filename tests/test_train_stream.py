@@ -227,7 +227,12 @@ def test_two_processes_train_what_a_method_adds_or_unfreezes_as_one_does(cache, 
     # process); the projector, trained by seqft, left out of the graph on a text-only batch (DDP
     # then stops at the second step of numglue)
     one, two = tmp_path / "one", tmp_path / "two"
-    ts.run(small(cache, one, "--method", method))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank below: only the split of the batch differs
+    try:
+        ts.run(small(cache, one, "--method", method))
+    finally:
+        torch.set_num_threads(threads)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(ROOT / "train_stream.py"), *SMALL, "--method", method, "--cache-dir", cache, "--out", str(two)]
@@ -235,9 +240,11 @@ def test_two_processes_train_what_a_method_adds_or_unfreezes_as_one_does(cache, 
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = load_file(two / "ckpt" / "task2.safetensors"), load_file(one / "ckpt" / "task2.safetensors")
     assert set(a) == set(b) and any(k.startswith(("l2p_pool.", "model.language_model.")) for k in a)
-    for key in a:  # summation order differs across ranks: 0.1% of each tensor's scale (a missing all-reduce: ~2x)
+    for key in a:  # the batch split changes summation order: measured up to 0.08% of a tensor's
+        # scale (L2P's prompts, which Adam moves far on few steps); a missing all-reduce would move the
+        # weights by a good part of their training update, so 1% still tells the two apart
         diff, scale = (a[key] - b[key]).abs().max().item(), b[key].abs().max().item()
-        assert diff <= 1e-3 * scale + 1e-8, (key, diff, scale)
+        assert diff <= 1e-2 * scale + 1e-8, (key, diff, scale)
 
 
 @pytest.mark.parametrize("method,term", [("ewc", "consolidation"), ("mas", "consolidation"), ("lwf", "distill"),
