@@ -3,6 +3,7 @@
     python study.py DIR                          every part below, into DIR/runs, then DIR/results.md
     python study.py DIR --parts calibration      some parts (the others stay as they are)
     python study.py DIR --report                 only the tables, verdicts and figures of what has run
+    python study.py DIR --report --docs README.md RESULTS.md LESSON.md   and the tables in these files
 
 Runs are resumable, and several study processes may share DIR (one per core; give each
 OMP_NUM_THREADS=1): a run is claimed by a lock file. Other flags of train_stream.py set the
@@ -26,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import socket
 import statistics
 import sys
@@ -145,7 +147,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, under another user
-        return True
+        pass
     return True
 
 
@@ -388,13 +390,16 @@ LESSON_SEEDS = (0, 1, 2)
 LESSON = [  # (exercise, what, method, overrides, quantity): the outcomes LESSON.md quotes
     ("1", "seqlora: lowest score right after a task's training", "seqlora", {}, "lowest_diag"),
     ("1", "seqlora AP", "seqlora", {}, "ap"), ("1", "seqlora BWT", "seqlora", {}, "bwt"),
+    *[("1", f"seqlora: points of {t} forgotten", "seqlora", {}, f"forgot:{t}") for t in ("numglue", "art", "OCR", "medical")],
     ("2", "joint AP", "joint", {}, "ap"),
     ("3", "replay 0.02 AP", "replay", {"replay_fraction": 0.02}, "ap"), ("3", "replay 0.02 BWT", "replay", {"replay_fraction": 0.02}, "bwt"),
     ("3", "replay 0.1 AP", "replay", {}, "ap"), ("3", "replay 0.1 BWT", "replay", {}, "bwt"),
     ("3", "replay 0.3 AP", "replay", {"replay_fraction": 0.3}, "ap"), ("3", "replay 0.3 BWT", "replay", {"replay_fraction": 0.3}, "bwt"),
+    ("3", "replay 0.3: points of numglue forgotten", "replay", {"replay_fraction": 0.3}, "forgot:numglue"),
     ("4", "ewc AP", "ewc", {}, "ap"), ("4", "ewc BWT", "ewc", {}, "bwt"), ("4", "ewc lowest just-trained", "ewc", {}, "lowest_diag"),
-    ("4", "mas AP", "mas", {}, "ap"), ("4", "l2 AP", "l2", {}, "ap"), ("4", "l2 BWT", "l2", {}, "bwt"),
-    ("4", "l2 lowest just-trained", "l2", {}, "lowest_diag"),
+    ("4", "ewc: fomc right after its training", "ewc", {}, "diag:fomc"),
+    ("4", "mas AP", "mas", {}, "ap"), ("4", "mas BWT", "mas", {}, "bwt"),
+    ("4", "l2 AP", "l2", {}, "ap"), ("4", "l2 BWT", "l2", {}, "bwt"), ("4", "l2 lowest just-trained", "l2", {}, "lowest_diag"),
     ("5", "router drift, moelora-topk", "moelora-topk", {}, "drift"), ("5", "router drift, moelora", "moelora", {}, "drift"),
     ("5", "router drift, pas-rw", "pas-rw", {}, "drift"), ("5", "router drift, pasmoe", "pasmoe", {}, "drift"),
     ("6", "pasmoe top-10% importance share (%)", "pasmoe", {}, "top10"),
@@ -406,15 +411,24 @@ LESSON = [  # (exercise, what, method, overrides, quantity): the outcomes LESSON
 ]
 
 
+def _lesson_value(run: dict, quantity: str) -> float | None:
+    """lowest_diag: the lowest score right after a task's own training; diag:TASK: that score of one
+    task; forgot:TASK: how far that task fell from it by the end; else as `_value`."""
+    kind, _, task = quantity.partition(":")
+    if not task:
+        return min(just_trained(run["R"])) if kind == "lowest_diag" else _value(run, kind)
+    if task not in run["tasks"]:
+        return None
+    t = run["tasks"].index(task)
+    return run["R"][t][t] - (run["R"][-1][t] if kind == "forgot" else 0.0)
+
+
 def lesson(runs: list[dict]) -> str:
     """The outcomes LESSON.md quotes: order A, seeds 0-2, each value and the range."""
     rows = ["| exercise | what | seeds | each seed | range |", "|---|---|---|---|---|"]
     for exercise, what, method, overrides, quantity in LESSON:
         rs = [r for r in select(runs, method, order="A", **overrides) if r["config"]["seed"] in LESSON_SEEDS]
-        if quantity == "lowest_diag":
-            values = [min(just_trained(r["R"])) for r in rs]
-        else:
-            values = list(_values(rs, quantity).values())
+        values = [v for r in rs if (v := _lesson_value(r, quantity)) is not None]
         if values:
             digits = 3 if quantity == "drift" else 2 if quantity == "decile" else 1
             rows.append(f"| {exercise} | {what} | {len(values)} | {_cells(values, digits)} | "
@@ -453,46 +467,67 @@ def _frontier_figure(study_dir: Path, curves: dict, refs: list[dict]) -> Path:
     return path
 
 
-def report(study_dir: str | Path) -> str:
-    """Every table of the study (results.md in the study directory) and the frontier figure."""
+def tables(runs: list[dict], study_dir: Path) -> dict[str, tuple[str, str]]:
+    """Every table of the study, by name: {name: (title, markdown)}; also draws the frontier figure."""
+    commits = sorted({r["config"].get("commit", "unknown") for r in runs})
+    seconds = sum(sum(r["metrics"].get("train_s", [])) + sum(r["metrics"].get("eval_s", [])) for r in runs)
+    order_a = select(runs, order="A")
+    identified = [r for r in order_a if r["metrics"].get("task_id_accuracy")]
+    frontier, curves = lambda_frontier(runs)
+    try:
+        figure = f"figure: {_frontier_figure(study_dir, curves, [r for r in order_a if r['method'] in REFERENCES])}\n"
+    except ImportError:
+        figure = "(no frontier figure: pip install matplotlib)\n"
+    return {
+        "summary": ("", f"Runs: {len(runs)}; commit(s): {', '.join(commits)}; training and evaluation time summed "
+                        f"over the runs: {seconds / 3600:.1f} h of process time.\n"),
+        "calibration": ("Calibration: the reference methods on every order",
+                        calibration([r for r in select(runs) if r["method"] in REFERENCES])),
+        "claims": ("The paper's claims: paired differences over seeds, and the verdicts", claims(runs)),
+        "seeds-A": ("AP of every seed, order A", per_seed(runs, REFERENCES + CLAIM_METHODS + OTHER_METHODS, "A")),
+        "seeds-B": ("AP of every seed, order B", per_seed(runs, REFERENCES + CLAIM_METHODS, "B")),
+        "ablation": ("Ablation, order A (the paper's Table 1 layout, mean ± std)", evaluate.report(order_a) if order_a else ""),
+        "paper": ("Beside the paper's numbers (theirs: LLaVA-1.5-7B on MLLM-CTBench; ours: the sanity stream, order A)",
+                  paper_comparison(order_a)),
+        "task-id": ("Task identification by HiDe-LLaVA and DDAS (% of each task's test items given their own task's expert)",
+                    task_identification(identified) if identified else ""),
+        "mechanisms": ("Mechanisms, order A (paper Fig. 3, 6, 8)", mechanisms(runs)),
+        "experts": ("Number of experts, order A (paper Table 3)", experts(runs)),
+        "learnability": ("Learnability: score right after each task's own training, order A",
+                         learnability(order_a) if order_a else ""),
+        "lesson": ("The outcomes LESSON.md quotes (order A, seeds 0 to 2)", lesson(runs)),
+        "lambda": ("λ frontier, order A (paper Fig. 4, widened)", frontier + "\n" + figure),
+    }
+
+
+def report(study_dir: str | Path) -> dict[str, tuple[str, str]]:
+    """Write every table of the study to results.md in the study directory (and print it); return
+    the tables by name, and all of them as "all"."""
     study_dir = Path(study_dir)
     runs = [load_run(d) for d in sorted((study_dir / "runs").iterdir()) if (d / "metrics.json").exists()]
     if not runs:
         raise FileNotFoundError(f"no finished runs under {study_dir / 'runs'}")
-    commits = sorted({r["config"].get("commit", "unknown") for r in runs})
-    seconds = sum(sum(r["metrics"].get("train_s", [])) + sum(r["metrics"].get("eval_s", [])) for r in runs)
-    parts = [f"Runs: {len(runs)}; commit(s): {', '.join(commits)}; training and evaluation time summed over the runs: "
-             f"{seconds / 3600:.1f} h of process time.\n"]
-    order_a = select(runs, order="A")
-    sections = [
-        ("Calibration: the reference methods on every order", calibration([r for r in select(runs) if r["method"] in REFERENCES])),
-        ("The paper's claims: paired differences over seeds, and the verdicts", claims(runs)),
-        ("AP of every seed, order A", per_seed(runs, REFERENCES + CLAIM_METHODS + OTHER_METHODS, "A")),
-        ("AP of every seed, order B", per_seed(runs, REFERENCES + CLAIM_METHODS, "B")),
-        ("Ablation, order A (the paper's Table 1 layout, mean ± std)", evaluate.report(order_a) if order_a else ""),
-        ("Beside the paper's numbers (theirs: LLaVA-1.5-7B on MLLM-CTBench; ours: the sanity stream, order A)",
-         paper_comparison(order_a)),
-        ("Task identification by HiDe-LLaVA and DDAS (% of each task's test items given their own task's expert)",
-         task_identification([r for r in order_a if r["metrics"].get("task_id_accuracy")]) if any(
-             r["metrics"].get("task_id_accuracy") for r in order_a) else ""),
-        ("Mechanisms, order A (paper Fig. 3, 6, 8)", mechanisms(runs)),
-        ("Number of experts, order A (paper Table 3)", experts(runs)),
-        ("Learnability: score right after each task's own training, order A", learnability(order_a) if order_a else ""),
-        ("The outcomes LESSON.md quotes (order A, seeds 0 to 2)", lesson(runs)),
-    ]
-    table, curves = lambda_frontier(runs)
-    sections.append(("λ frontier, order A (paper Fig. 4, widened)", table))
-    for title, body in sections:
-        if body.strip():
-            parts += [f"### {title}\n", body]
-    try:
-        parts.append(f"figure: {_frontier_figure(study_dir, curves, [r for r in order_a if r['method'] in REFERENCES])}\n")
-    except ImportError:
-        parts.append("(no frontier figure: pip install matplotlib)\n")
-    text = "\n".join(parts)
+    found = tables(runs, study_dir)
+    text = "\n".join(f"### {title}\n\n{body}" if title else body for title, body in found.values() if body.strip())
     (study_dir / "results.md").write_text(text)
     print(text + f"\nwritten to {study_dir / 'results.md'}")
-    return text
+    return found | {"all": ("", text)}
+
+
+BLOCK = re.compile(r"(<!-- study table: ([\w-]+) -->\n)(.*?)(<!-- end of study table -->)", re.S)
+
+
+def fill_docs(paths: list[Path], found: dict[str, tuple[str, str]]) -> None:
+    """Replace, in each file, every block between `<!-- study table: NAME -->` and
+    `<!-- end of study table -->` with the table NAME, as printed; the prose around it is kept."""
+    for path in paths:
+        text = path.read_text()
+        unknown = sorted({m.group(2) for m in BLOCK.finditer(text)} - set(found))
+        if unknown:
+            raise ValueError(f"{path}: no study table named {', '.join(unknown)} (there are: {', '.join(found)})")
+        filled, count = BLOCK.subn(lambda m: m.group(1) + (found[m.group(2)][1] or "(no runs yet)\n") + m.group(4), text)
+        path.write_text(filled)
+        print(f"{path}: {count} table(s) filled")
 
 
 def main(argv=None) -> None:
@@ -501,6 +536,8 @@ def main(argv=None) -> None:
     parser.add_argument("dir", type=Path, help="the study directory (runs/, results.md, figures/)")
     parser.add_argument("--parts", nargs="+", default=list(PLAN), choices=list(PLAN), help="parts to run (default: all)")
     parser.add_argument("--report", action="store_true", help="only write the tables and figures of the finished runs")
+    parser.add_argument("--docs", nargs="+", type=Path, default=[], metavar="FILE",
+                        help="also fill each `<!-- study table: NAME -->` block of these files (README.md ...)")
     args, shared = parser.parse_known_args(argv)
     varied = [f for f in shared if f.split("=")[0].lstrip("-").replace("-", "_") in {*DEFAULTS, "order", "lambda_b", "method", "seed"}]
     if varied:
@@ -510,7 +547,7 @@ def main(argv=None) -> None:
         if resume or base.out or base.method != "pasmoe" or base.seed != 0:
             parser.error("the study chooses each run's --method, --seed and --out itself; --resume does not apply")
         run_study(base, args.dir, args.parts)
-    report(args.dir)
+    fill_docs(args.docs, report(args.dir))
 
 
 if __name__ == "__main__":

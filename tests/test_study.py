@@ -152,3 +152,31 @@ def test_a_lock_left_by_a_killed_study_is_taken_over(tmp_path):
     assert not study.take_lock(lock)  # now held by this live process
     lock.write_text(f"another-host {gone.pid}")
     assert not study.take_lock(lock)  # another host's process cannot be asked
+
+
+def test_docs_tables_are_replaced_and_the_prose_around_them_kept(tmp_path):
+    # planted bugs: a greedy match that swallows the prose between two tables, a second fill that
+    # nests or duplicates a table, a misspelt table name that silently leaves a stale table
+    doc = tmp_path / "README.md"
+    doc.write_text("intro\n<!-- study table: claims -->\nold claims\n<!-- end of study table -->\nprose between\n"
+                   "<!-- study table: lesson -->\nold\n<!-- end of study table -->\nend\n")
+    found = {"claims": ("t", "| new claims |\n"), "lesson": ("t", "| new lesson |\n")}
+    study.fill_docs([doc], found)
+    study.fill_docs([doc], found)
+    assert doc.read_text() == ("intro\n<!-- study table: claims -->\n| new claims |\n<!-- end of study table -->\nprose between\n"
+                               "<!-- study table: lesson -->\n| new lesson |\n<!-- end of study table -->\nend\n")
+    doc.write_text("<!-- study table: claim -->\nold\n<!-- end of study table -->\n")
+    with pytest.raises(ValueError, match="README.md: no study table named claim"):
+        study.fill_docs([doc], found)
+
+
+def test_lesson_quotes_each_seed_of_order_a_only(tmp_path):
+    # planted bugs: forgetting read with its sign flipped or from the wrong column, a seed outside
+    # 0-2 (or another order) mixed into the quoted range
+    runs = [write_run(tmp_path / f"s{seed}{order}", "seqlora", seed, R, order=order, tasks=("numglue", "art"))
+            for seed, R, order in [(0, [[80.0, None], [50.0, 90.0]], "A"), (1, [[70.0, None], [60.0, 90.0]], "A"),
+                                   (3, [[99.0, None], [0.0, 99.0]], "A"), (0, [[99.0, None], [0.0, 99.0]], "B")]]
+    rows = study.lesson(runs).splitlines()
+    assert "| 1 | seqlora: points of numglue forgotten | 2 | 30.0 10.0 | 10.0 to 30.0 |" in rows
+    assert "| 1 | seqlora: lowest score right after a task's training | 2 | 80.0 70.0 | 70.0 to 80.0 |" in rows
+    assert not any("points of OCR" in row for row in rows)  # a task the stream lacks: no row
