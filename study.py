@@ -236,10 +236,11 @@ def _calibration(runs: list[dict]) -> tuple[str, set[str]]:
     return "\n".join(rows) + "\n\n" + "\n".join(checks) + "\n", passed
 
 
-def verdict(mean: float, low: float, high: float) -> str:
+def verdict(mean: float, low: float, high: float, digits: int = 2) -> str:
     """The rule fixed before the runs: supported if the interval excludes 0 in the claimed
-    (positive) direction, contradicted if it excludes 0 in the other, else not resolved."""
-    return "supported" if low > 0 else "contradicted" if high < 0 else f"not resolved (±{(high - low) / 2:.2f})"
+    (positive) direction, contradicted if it excludes 0 in the other, else not resolved (with the
+    interval's half-width, to `digits` decimals)."""
+    return "supported" if low > 0 else "contradicted" if high < 0 else f"not resolved (±{(high - low) / 2:.{digits}f})"
 
 
 def claims(runs: list[dict], calibrated: set[str] | None = None, planned: int = PLAN["claims"][1]) -> str:
@@ -258,7 +259,7 @@ def claims(runs: list[dict], calibrated: set[str] | None = None, planned: int = 
                 continue
             mean, low, high = paired_difference([va[s] for s in seeds], [vb[s] for s in seeds])
             digits = 4 if metric == "drift" else 2
-            judged = verdict(mean, low, high) if order in calibrated else f"not judged (order {order} is not calibrated)"
+            judged = verdict(mean, low, high, digits) if order in calibrated else f"not judged (order {order} is not calibrated)"
             rows.append(f"| {claim} | {what} | {order} | {len(seeds)} | {_cells([va[s] - vb[s] for s in seeds], digits)} | "
                         f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] | {judged} |")
     return "\n".join(rows) + "\n"

@@ -57,6 +57,7 @@ def test_verdicts_follow_the_rule_written_before_the_runs():
     assert study.verdict(2.0, 0.5, 3.5) == "supported"
     assert study.verdict(-2.0, -3.5, -0.5) == "contradicted"
     assert study.verdict(0.5, -1.0, 2.0) == "not resolved (±1.50)"
+    assert study.verdict(0.0084, -0.0004, 0.0172, digits=4) == "not resolved (±0.0088)"  # drift: in its own digits
 
 
 def test_claims_pair_runs_by_seed(tmp_path):
