@@ -27,12 +27,14 @@ calls at these points; the default hooks are plain sequential fine-tuning:
     HiDe        one expert per task; at inference, experts mixed by similarity to task anchors
     DDAS        one expert per task; at inference, each input's expert picked by autoencoders
 
-METHODS maps each command-line name to its layer switches (pasmoe.PASsConfig; None: no PASs
-layers) and its class. This file imports pasmoe only; nothing here reads files, and what it
-knows of LLaVA is the module names seqft unfreezes, the "layers.N." of decoder layers (HiDe's
-top layer) and the model's input embeddings (L2P). A method that needs passes of its own gets
-them from the loop: `forward` (EWC, MAS) and `features` (L2P, HiDe-LLaVA, DDAS).
-Hyperparameter defaults and where they come from: DESIGN.md, section 7.
+The PASs layer's variants for the ablations live here too, as small subclasses: a learned
+router (MoELoRA), experts chosen from outside (HiDe-LLaVA, DDAS), and Eq. 11 with permuted or
+uniform weights. METHODS maps each command-line name to a Spec: its class, its adapters and
+its own flags. Nothing here reads files; what it knows of LLaVA is the module names seqft
+unfreezes, the "layers.N." of decoder layers (HiDe's top layer) and the input embeddings (L2P).
+A method that needs passes of its own gets them from the loop: `forward` (EWC, MAS) and
+`features` (L2P, HiDe-LLaVA, DDAS). How each method differs from its paper, its original code
+and the benchmark's code: DESIGN.md, section 7, numbered; the code cites them ("deviation 2").
 """
 
 from __future__ import annotations
@@ -41,19 +43,78 @@ import contextlib
 import math
 import random
 import re
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pasmoe import pas_layers, stabilization_loss
+from engine.flags import Flag
+from engine.processes import rank_world
+from engine.steps import optimizer_step
+from pasmoe import pas_layers
+from pasmoe_fused import FusedPASsMoELinear, stabilization_loss
+
+# ---- the PASs layer's variants ----
+
+
+class RoutedMoELinear(FusedPASsMoELinear):
+    """MoELoRA (the paper's Table 2 rows): the same experts, mixed by a learned router, softmax(W_g h / tau)
+    over every expert, or (top_k) over the k largest logits only, 0 elsewhere. W_g: (e, d), no bias."""
+
+    def __init__(self, base: nn.Linear, cfg, index: int = 0, top_k: int | None = None):
+        super().__init__(base, cfg, index)
+        self.top_k = top_k
+        self.router = nn.Linear(base.in_features, cfg.num_experts, bias=False, device=self.lora_A.device,
+                                dtype=self.lora_A.dtype)
+
+    def gate(self, x, z=None):
+        logits = F.linear(x, self.router.weight.to(x.dtype)).float()  # (..., e)
+        if self.top_k is not None:
+            kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(self.top_k, dim=-1).indices, True)
+            logits = logits.masked_fill(~kept, -math.inf)
+        return torch.softmax(logits / self.cfg.temperature, dim=-1)
+
+
+class ChosenExperts(FusedPASsMoELinear):
+    """The mixture set from outside: `chosen` is pi, (e,) or (b, 1, e), broadcast over the tokens
+    (HiDe-LLaVA and DDAS train one expert per task and pick the experts of each input)."""
+
+    chosen: torch.Tensor | None = None
+
+    def gate(self, x, z=None):
+        return torch.broadcast_to(self.chosen.to(x.device, torch.float32), (*x.shape[:-1], self.cfg.num_experts))
+
+
+class PermutedWeights(FusedPASsMoELinear):
+    """Eq. 11 with the importance weights permuted over (expert, rank) within the layer (the paper's
+    Table 7, random regularization): the same total strength on directions chosen by chance. The
+    permutation is a function of (seed, layer index), so it needs no saving."""
+
+    def __init__(self, base: nn.Linear, cfg, index: int = 0, seed: int = 0):
+        super().__init__(base, cfg, index)
+        self.seed = seed
+
+    def stab_weights(self):
+        w = super().stab_weights()
+        perm = torch.randperm(w.numel(), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.index))
+        return w.flatten()[perm.to(w.device)].view_as(w)
+
+
+class UniformWeights(FusedPASsMoELinear):
+    """Eq. 11 with w = 1 once a task has ended: plain L2 to the anchors, no importance (`l2`)."""
+
+    def stab_weights(self):
+        return torch.ones_like(self.importance_agg) if self.importance_agg.any() else torch.zeros_like(self.importance_agg)
+
 
 
 class Method:
     """Sequential fine-tuning: each task trains on its own data, nothing else is added.
 
-    cfg: the run's settings (train_stream.RunConfig; read for the method's own flags)
+    cfg: the run's settings (train_stream.RunConfig); cfg.method_args holds the method's own flags
     model: the model holding the PASs layers (not the DDP wrapper)
     stream: the tasks in training order (data.Task: key, train, test)
     forward: examples -> (logits, labels) of the model on them, labels -100 outside answers
@@ -63,6 +124,7 @@ class Method:
 
     def __init__(self, cfg, model, stream, forward=None, features=None):
         self.cfg, self.model, self.stream, self.forward, self.features = cfg, model, stream, forward, features
+        self.args = SimpleNamespace(**getattr(cfg, "method_args", {}))  # the method's own flags (Spec.flags)
 
     def begin_task(self, t: int) -> None:
         pass
@@ -104,17 +166,17 @@ class Method:
 
 
 class Stabilized(Method):
-    """Eq. 11: lambda_A sum w ||a - a*||^2 + lambda_B sum w ||b - b*||^2 over the PASs layers,
-    with the layers' weights w (reg = "pas", "random" or "uniform")."""
+    """Eq. 11: lambda_A sum w ||a - a*||^2 + lambda_B sum w ||b - b*||^2 over the PASs layers, with
+    each layer's weights w (importance; PermutedWeights, UniformWeights for the ablations)."""
 
     def extra_loss(self, batch):
-        return {"stab": stabilization_loss(self.model).total}
+        return {"stab": stabilization_loss(self.model)}
 
 
 class Replay(Method):
     """Experience replay (the Replay row of the paper's Table 1).
 
-    After task s, a fixed fraction of its training items (cfg.replay_fraction, at least one)
+    After task s, a fixed fraction of its training items (--replay-fraction, at least one)
     joins the buffer; every later task trains on its own items plus the whole buffer,
     shuffled together. The buffer never holds test items. Which items are kept depends only
     on (seed, s), so a resumed run rebuilds the same buffer.
@@ -125,7 +187,7 @@ class Replay(Method):
         kept = []
         for s in range(t):
             train = self.stream[s].train
-            n = max(1, math.ceil(self.cfg.replay_fraction * len(train)))
+            n = max(1, math.ceil(self.args.replay_fraction * len(train)))  # deviation 1
             kept += random.Random(f"replay-{self.cfg.seed}-{s}").sample(train, n)
         return kept
 
@@ -167,7 +229,7 @@ def _grads(scalar: torch.Tensor, params: dict) -> dict[str, torch.Tensor]:
 
 
 def _all_reduce(tensors: list[torch.Tensor]) -> None:
-    if dist.is_available() and dist.is_initialized():
+    if rank_world()[1] > 1:
         for x in tensors:
             dist.all_reduce(x)
 
@@ -178,7 +240,7 @@ class _Consolidation(Method):
     F <- gamma F + F_t (gamma = 1, the default: a plain sum over tasks). Subclasses define
     F_t through `per_example`: one example's contribution, to be squared or made absolute."""
 
-    strength = "ewc_lambda"  # the flag that holds lambda
+    strength, decay = "ewc_lambda", "ewc_gamma"  # the flags that hold lambda and gamma
 
     def __init__(self, cfg, model, stream, forward=None, features=None):
         super().__init__(cfg, model, stream, forward, features)
@@ -193,7 +255,7 @@ class _Consolidation(Method):
         takes its share under DDP; the sums are all-reduced)."""
         params = adapter_params(self.model)
         total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        rank, world = rank_world()
         was_training = self.model.training
         self.model.eval()  # no dropout: the importance of the parameters that ended the task
         for ex in examples[rank::world]:
@@ -205,12 +267,12 @@ class _Consolidation(Method):
 
     def end_task(self, t):
         new = self.task_importance(self.stream[t].train)
-        gamma = self.cfg.ewc_gamma
+        gamma = getattr(self.args, self.decay)
         self.importance = {n: gamma * self.importance[n] + v if n in self.importance else v for n, v in new.items()}
         self.anchor = {n: p.detach().float().clone() for n, p in adapter_params(self.model).items()}
 
     def extra_loss(self, batch):
-        lam = getattr(self.cfg, self.strength)
+        lam = getattr(self.args, self.strength)
         if not self.anchor:  # before the first task ends
             return {"consolidation": torch.zeros((), device=batch["logits"].device)}
         total = sum((self.importance[n] * (p.float() - self.anchor[n]).square()).sum()
@@ -248,7 +310,7 @@ class MAS(_Consolidation):
     values are not used: MAS needs no labels). Accumulated and applied as in EWC.
     """
 
-    strength = "mas_lambda"
+    strength, decay = "mas_lambda", "mas_gamma"
 
     def per_example(self, params, example):
         logits, labels = self.forward([example])
@@ -282,8 +344,8 @@ class LwF(Method):
         inputs = {"inputs_embeds": batch["inputs_embeds"], "attention_mask": batch["attention_mask"]}
         with torch.no_grad():
             old = torch.func.functional_call(self.model, self.teacher, args=(), kwargs=inputs, strict=False).logits[:, -labels.shape[1]:]
-        kl = distillation_kl(answer_logits(logits, labels), answer_logits(old, labels), self.cfg.lwf_temperature)
-        return {"distill": self.cfg.lwf_lambda * kl * batch["world"] / batch["n_tokens"]}
+        kl = distillation_kl(answer_logits(logits, labels), answer_logits(old, labels), self.args.lwf_temperature)
+        return {"distill": self.args.lwf_lambda * kl * batch["world"] / batch["n_tokens"]}
 
 
 # ---- the architecture family: O-LoRA ----
@@ -308,7 +370,7 @@ class OLoRA(Method):
         self.layers = list(pas_layers(model).values())
         rank = self.layers[0].lora_A.shape[1]
         if any(layer.lora_A.shape[0] != 1 for layer in self.layers):
-            raise ValueError("olora slices one plain LoRA: the layers need gate='single' (num_experts=1)")
+            raise ValueError("olora slices one plain LoRA: the layers need num_experts=1")
         self.k = rank // len(stream)
         if self.k == 0:
             raise ValueError(f"olora: a LoRA of rank {rank} cannot give each of {len(stream)} tasks a slice; raise --rank")
@@ -334,7 +396,7 @@ class OLoRA(Method):
             if self.t > 0:
                 ortho = ortho + (A_new @ layer.lora_A[0, : now.start].float().T).abs().sum()
             norm = norm + A_new.square().sum() + layer.lora_B[0, :, now].float().square().sum()
-        return {"orthogonal": self.cfg.olora_lambda1 * ortho, "l2": self.cfg.olora_lambda2 * norm}
+        return {"orthogonal": self.args.olora_lambda1 * ortho, "l2": self.args.olora_lambda2 * norm}
 
     def end_task(self, t):
         for hook in self.hooks:
@@ -429,7 +491,7 @@ class _TaskExperts(Method):
 
     def begin_task(self, t):
         for layer in self.layers.values():
-            layer.given_gate = F.one_hot(torch.tensor(t), len(self.stream)).float()
+            layer.chosen = F.one_hot(torch.tensor(t), len(self.stream)).float()
 
     def end_task(self, t):
         self.seen = t + 1
@@ -461,14 +523,14 @@ class _TaskExperts(Method):
 
     @contextlib.contextmanager
     def gates(self, w: torch.Tensor):
-        saved = {name: layer.given_gate for name, layer in self.layers.items()}
+        saved = {name: layer.chosen for name, layer in self.layers.items()}
         for layer in self.layers.values():
-            layer.given_gate = w
+            layer.chosen = w
         try:
             yield
         finally:
             for name, layer in self.layers.items():
-                layer.given_gate = saved[name]
+                layer.chosen = saved[name]
 
 
 class HiDe(_TaskExperts):
@@ -513,13 +575,13 @@ class HiDe(_TaskExperts):
         with torch.no_grad():
             for name, layer in self.layers.items():  # lower layers: expert 0 becomes the fusion of the seen ones
                 if name not in self.top:
-                    saved[name] = (layer.lora_A[0].clone(), layer.lora_B[0].clone(), layer.given_gate)  # only expert 0 changes
+                    saved[name] = (layer.lora_A[0].clone(), layer.lora_B[0].clone(), layer.chosen)  # only expert 0 changes
                     layer.lora_A[0] = layer.lora_A[:self.seen].sum(0)
                     layer.lora_B[0] = layer.lora_B[:self.seen].sum(0)
-                    layer.given_gate = F.one_hot(torch.tensor(0), len(self.stream)).float()
+                    layer.chosen = F.one_hot(torch.tensor(0), len(self.stream)).float()
                 else:
-                    saved[name] = (None, None, layer.given_gate)
-                    layer.given_gate = w.unsqueeze(1).to(layer.lora_A.device)
+                    saved[name] = (None, None, layer.chosen)
+                    layer.chosen = w.unsqueeze(1).to(layer.lora_A.device)
         try:
             yield
         finally:
@@ -529,7 +591,7 @@ class HiDe(_TaskExperts):
                     if A is not None:
                         layer.lora_A[0] = A
                         layer.lora_B[0] = B
-                    layer.given_gate = gate
+                    layer.chosen = gate
 
     def state_dict(self):
         return {f"anchor.{k}": v for k, v in self.anchors.items()}
@@ -576,13 +638,9 @@ class DDAS(_TaskExperts):
         opt = torch.optim.Adam(ae.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         per_epoch = math.ceil(len(x) / self.batch)
         for step in range(self.iterations):  # lr x 0.1 every 10 epochs, as the original's exp_lr_scheduler
-            for group in opt.param_groups:
-                group["lr"] = self.lr * 0.1 ** (step // per_epoch // 10)
             rows = torch.randint(0, len(x), (min(self.batch, len(x)),), generator=g)
-            loss = F.mse_loss(ae(x[rows]), x[rows])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            F.mse_loss(ae(x[rows]), x[rows]).backward()
+            optimizer_step(opt, list(ae.parameters()), self.lr * 0.1 ** (step // per_epoch // 10), clip_norm=None)
         with torch.no_grad():
             errors = (ae(held_out) - held_out).square().mean(dim=1)
         self.encoders[t], self.thresholds[t] = ae.eval().requires_grad_(False), (errors.mean() + 3 * errors.std(correction=0)).item()
@@ -614,22 +672,47 @@ class DDAS(_TaskExperts):
         self.seen = 1 + max(self.encoders)
 
 
-METHODS = {  # name -> (PASs layer switches, method); paper Tables 1, 2 and 7
-    "seqlora": (dict(gate="single", reg="none"), Method),  # one plain LoRA of the same total rank
-    "moelora-topk": (dict(gate="topk", reg="none"), Method),
-    "moelora": (dict(gate="softmax", reg="none"), Method),
-    "pas-rw": (dict(gate="pas", reg="none"), Method),
-    "pasmoe": (dict(gate="pas", reg="pas"), Stabilized),  # the paper's method
-    "pasmoe-random": (dict(gate="pas", reg="random"), Stabilized),
-    "l2": (dict(gate="pas", reg="uniform"), Stabilized),
-    "replay": (dict(gate="single", reg="none"), Replay),
-    "joint": (dict(gate="single", reg="none"), Joint),
-    "ewc": (dict(gate="single", reg="none"), EWC),
-    "mas": (dict(gate="single", reg="none"), MAS),
-    "lwf": (dict(gate="single", reg="none"), LwF),
-    "olora": (dict(gate="single", reg="none"), OLoRA),
-    "seqft": (None, SeqFT),  # no adapters
-    "l2p": (None, L2P),
-    "hide": (dict(gate="pas", reg="none", experts="per-task"), HiDe),  # the gate is always set from outside
-    "ddas": (dict(gate="pas", reg="none", experts="per-task"), DDAS),
+@dataclass(frozen=True)
+class Spec:
+    """How the loop builds a method: its class, its adapters, and its own command-line flags."""
+
+    cls: type
+    adapters: str | None = "mixture"  # "mixture": E experts of rank r; "one": one LoRA of rank E * r (the
+    # same size); "per-task": one expert per task, the same total rank split; None: no adapters
+    layer: type = FusedPASsMoELinear  # the PASs layer class
+    layer_args: tuple = ()  # its extra arguments, taken from the method's flags or the run's (seed)
+    stabilize: bool = False  # Eq. 11 on the PASs layers (lambda_a, lambda_b, weight_clip apply)
+    flags: dict = field(default_factory=dict)  # name -> engine.Flag, values in cfg.method_args
+
+
+GAMMA = "F <- gamma F + F_t after each task (1: a sum over tasks; < 1: online EWC, Schwarz et al. 2018)"
+METHODS = {  # the paper's Tables 1, 2 and 7, and the bounds
+    "pasmoe": Spec(Stabilized, stabilize=True),  # the paper's method
+    "pas-rw": Spec(Method),  # the energy gate alone
+    "pasmoe-random": Spec(Stabilized, layer=PermutedWeights, layer_args=("seed",), stabilize=True),
+    "l2": Spec(Stabilized, layer=UniformWeights, stabilize=True),
+    "moelora": Spec(Method, layer=RoutedMoELinear),
+    "moelora-topk": Spec(Method, layer=RoutedMoELinear, layer_args=("top_k",), flags={
+        "top_k": Flag(2, "experts kept per token (no source gives k for the paper's Top-k row; 2 is ours)", min=1)}),
+    "seqlora": Spec(Method, adapters="one"),  # one plain LoRA of the same total rank
+    "replay": Spec(Replay, adapters="one", flags={"replay_fraction": Flag(
+        0.1, "share of each finished task's training items kept and mixed into later tasks (ours; the paper gives none)",
+        above=0, max=1)}),
+    "joint": Spec(Joint, adapters="one"),
+    "ewc": Spec(EWC, adapters="one", flags={
+        "ewc_lambda": Flag(3e7, "lambda of (lambda/2) sum F (theta - theta*)^2 (DESIGN.md 7: how it was set)", min=0),
+        "ewc_gamma": Flag(1.0, GAMMA, min=0, max=1)}),
+    "mas": Spec(MAS, adapters="one", flags={
+        "mas_lambda": Flag(1.0, "lambda of (lambda/2) sum Omega (theta - theta*)^2 (Aljundi et al. 2018)", min=0),
+        "mas_gamma": Flag(1.0, GAMMA.replace("F", "Omega"), min=0, max=1)}),
+    "lwf": Spec(LwF, adapters="one", flags={
+        "lwf_lambda": Flag(1.0, "weight of the distillation term (Li and Hoiem 2016)", min=0),
+        "lwf_temperature": Flag(2.0, "softmax temperature T of the distillation (Li and Hoiem 2016)", above=0)}),
+    "olora": Spec(OLoRA, adapters="one", flags={
+        "olora_lambda1": Flag(0.5, "weight of the orthogonality term (O-LoRA's code)", min=0),
+        "olora_lambda2": Flag(0.0, "weight of the new slice's squared norm (O-LoRA's code)", min=0)}),
+    "seqft": Spec(SeqFT, adapters=None),
+    "l2p": Spec(L2P, adapters=None),
+    "hide": Spec(HiDe, adapters="per-task", layer=ChosenExperts),
+    "ddas": Spec(DDAS, adapters="per-task", layer=ChosenExperts),
 }

@@ -1,12 +1,10 @@
 """Scoring, continual-learning metrics, and one run's report and figures.
 
     score(metric, prediction, reference)   one answer, 0-100 (MLLM-CTBench's scorers)
+    score_rows(task, examples, replies)    a task's prediction rows, as the benchmark's files hold them
     cl_metrics(R)                          AP, BWT (paper and standard), per-task Acc/Forget
-    paired_difference(a, b)                mean and t-interval of a - b over paired seeds
     report(runs)                           the paper's Table 1 layout, mean +- std over seeds
-    analyses(run)                          router drift (Fig. 3), importance concentration and
-                                           map (Fig. 8), update size vs importance (Fig. 6)
-    figures(run, found)                    the above as PNG, plus loss curves and the matrix
+    figures(run)                           the accuracy matrix and the loss curve as PNG
 
     python evaluate.py RUN_DIR [RUN_DIR ...]      print and write report.md (and figures)
 
@@ -14,7 +12,8 @@ R[i][j] is the score on task j after training task i (rows and columns 0-based);
 cells are tasks not evaluated at that point. Metrics as the paper defines them (DESIGN.md, "Metrics"):
     Acc_t = R[T-1][t]    Forget_t = R[T-1][t] - R[t][t]    AP = mean_t Acc_t
     BWT (paper) = sum_{t<T-1} Forget_t / T    BWT (standard) = same sum / (T-1)
-This file stands alone (no import of the other project files). The study's tables are study.py's.
+This file stands alone (no import of the other project files). What the mechanisms did (router
+drift, importance, updates) is lab/analyses.py's; the study's tables are lab/study.py's.
 """
 
 from __future__ import annotations
@@ -158,6 +157,15 @@ def score(metric: str, prediction: str, reference: str) -> float:
     raise ValueError(f"unknown metric {metric!r}: choose one of exact, first_token, first_char, rouge_l")
 
 
+def score_rows(task: str, examples: list, replies: list[str]) -> tuple[float, list[dict]]:
+    """(the task's score, one row per test item): question_id, prompt, text (the reply), reference and
+    score, the keys the benchmark's re-scoring scripts read."""
+    metric = TASK_METRICS[task]
+    rows = [{"question_id": ex.id, "prompt": ex.problem, "text": reply, "reference": ex.solution,
+             "score": score(metric, reply, ex.solution)} for ex, reply in zip(examples, replies)]
+    return sum(r["score"] for r in rows) / len(rows), rows
+
+
 # ---- continual-learning metrics ----
 
 
@@ -193,65 +201,6 @@ def just_trained(R: list[list[float | None]]) -> list[float]:
     return [R[t][t] if R[t][t] is not None else R[-1][t] for t in range(len(R))]
 
 
-# ---- paired comparisons over seeds ----
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
-    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _t_cdf(t: float, df: int) -> float:
-    """P(T <= t) for Student's t with df degrees of freedom."""
-    x = df / (df + t * t)
-    a, b = df / 2, 0.5
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    tail = front * _betacf(a, b, x) / a if x < (a + 1) / (a + b + 2) else 1 - front * _betacf(b, a, 1 - x) / b
-    return 1 - tail / 2 if t > 0 else tail / 2
-
-
-@lru_cache(maxsize=None)
-def t_quantile(p: float, df: int) -> float:
-    """The p-quantile of Student's t (bisection on _t_cdf; p in (0.5, 1))."""
-    low, high = 0.0, 1e3
-    for _ in range(200):
-        mid = (low + high) / 2
-        low, high = (mid, high) if _t_cdf(mid, df) < p else (low, mid)
-    return (low + high) / 2
-
-
-def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high) of a - b over paired seeds, with a Student-t interval on the differences.
-
-    a[i] and b[i] come from the same seed (the same data, task order and initialization), so the
-    seed's own effect cancels in a[i] - b[i]: the interval is that of the differences' mean,
-    mean +- t(confidence, n - 1) * sd / sqrt(n). The t-interval holds its coverage at 5 to 20 seeds
-    when the differences are roughly normal (tests/test_study.py checks it by simulation); a
-    percentile bootstrap does not: on 2,000 simulated sets of 10 normal differences, its nominal
-    95% interval (1,000 resamples) covered the true mean in 89% of them, since it takes its width
-    from the sample's own spread with normal-like tails.
-    """
-    if len(a) != len(b) or len(a) < 2:
-        raise ValueError(f"paired_difference needs two lists of the same length >= 2, got {len(a)} and {len(b)}")
-    diffs = [x - y for x, y in zip(a, b)]
-    mean = statistics.mean(diffs)
-    half = t_quantile(0.5 + confidence / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return mean, mean - half, mean + half
-
-
 # ---- reports ----
 
 
@@ -266,6 +215,7 @@ def load_run(run_dir: Path) -> dict:
         raise ValueError(f"{path} must hold {{'tasks': [...], 'R': [[...]]}}, found keys {sorted(matrix)}")
     config_path = run_dir / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config |= config.pop("method_args", {})  # a method's own flags read like the others
     metrics = cl_metrics(matrix["R"])
     if (run_dir / "metrics.json").exists():  # timings and truncation counts come from the run
         saved = json.loads((run_dir / "metrics.json").read_text())
@@ -284,7 +234,8 @@ def _pm(values: list[float], digits: int = 2) -> str:
 
 
 _NOT_A_SETTING = {"seed", "out", "versions", "commit", "device", "device_name", "started", "argv", "world_size", "base_info",
-                  "pas_config", "image_root", "data_root", "cache_dir"}  # pas_config follows from the rest; the others are paths
+                  "pas_config", "image_root", "data_root", "cache_dir", "cpu", "cpu_capability", "threads"}
+# not settings: pas_config follows from the rest; the others are paths or what the machine is
 
 
 def _settings(run: dict) -> dict:
@@ -338,137 +289,30 @@ def matrix_table(run: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---- analyses of one run (paper Fig. 3, 6, 8) ----
-
-
-def js_divergence(p, q):
-    """Jensen-Shannon divergence in bits, row by row: (n, E), (n, E) -> (n,), in [0, 1]."""
-    import torch
-
-    m = 0.5 * (p + q)
-
-    def kl(a, b):
-        return torch.where(a > 0, a * (a.clamp_min(1e-12).log2() - b.clamp_min(1e-12).log2()), 0.0).sum(-1)
-
-    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
-
-
-def router_drift(run_dir: Path, tasks: list[str]) -> dict | None:
-    """Per old task: mean over layers and tokens of JS(gates right after its task, gates at the end)."""
-    import torch
-
-    gates = Path(run_dir) / "gates"
-    out = {}
-    for key in tasks[:-1]:
-        after, final = gates / f"{key}_after.pt", gates / f"{key}_final.pt"
-        if not (after.exists() and final.exists()):
-            return None
-        a, f = torch.load(after), torch.load(final)
-        per_layer = {name: js_divergence(a[name], f[name]).mean().item() for name in a if a[name].shape[-1] > 1}
-        if not per_layer:  # one expert: nothing is routed
-            return None
-        out[key] = {"mean": sum(per_layer.values()) / len(per_layer), "per_layer": per_layer}
-    return out
-
-
-@lru_cache(maxsize=32)
-def _checkpoint_part(path: str, mtime_ns: int, suffix: str) -> dict:
-    """The tensors of one task checkpoint whose names end in `suffix`, by layer name: read once
-    however many analyses ask (the mtime is part of the key), and never the whole file (at 7B a
-    checkpoint holds gigabytes of anchors; seqft's, the whole language model)."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return {k[: -len(suffix) - 1]: f.get_tensor(k) for k in f.keys() if k.endswith("." + suffix)}
-
-
-def _adapter_tensors(run_dir: Path, t: int, suffix: str) -> dict:
-    path = Path(run_dir).resolve() / "ckpt" / f"task{t}.safetensors"
-    return _checkpoint_part(str(path), path.stat().st_mtime_ns, suffix)
-
-
-def importance_stats(run_dir: Path, T: int) -> dict:
-    """I_agg after the stream, per layer; concentration = share held by the top 10% of (e, k)."""
-    agg = _adapter_tensors(run_dir, T, "importance_agg")
-    shares = {}
-    for name, imp in agg.items():
-        flat = imp.flatten().sort(descending=True).values
-        top = max(1, round(0.1 * flat.numel()))
-        shares[name] = (flat[:top].sum() / flat.sum()).item()
-    return {"top10_share": sum(shares.values()) / len(shares), "per_layer_top10_share": shares,
-            "maps": {k: v.tolist() for k, v in agg.items()}}
-
-
-def update_vs_importance(run_dir: Path, T: int, factor: str = "lora_A") -> dict | None:
-    """||a_ek(t) - a_ek(t-1)|| (factor "lora_A": rows of A) or ||b_ek(t) - b_ek(t-1)||
-    ("lora_B": columns of B) against I_agg(t-1) (normalized per layer), pooled over layers and
-    tasks 2..T, in importance deciles: does the method protect what old tasks used?"""
-    import torch
-
-    norm_dim = {"lora_A": 2, "lora_B": 1}[factor]  # A: (e, r, d) -> rows; B: (e, o, r) -> columns
-    updates, importances = [], []
-    for t in range(2, T + 1):
-        prev, cur = _adapter_tensors(run_dir, t - 1, factor), _adapter_tensors(run_dir, t, factor)
-        agg = _adapter_tensors(run_dir, t - 1, "importance_agg")
-        for name in cur:
-            if agg[name].any():  # joint trains only at the end: no importance before it
-                updates.append((cur[name] - prev[name]).norm(dim=norm_dim).flatten())
-                importances.append((agg[name] / agg[name].mean()).flatten())
-    if not updates:
-        return None
-    u, imp = torch.cat(updates), torch.cat(importances)
-    order = imp.argsort()
-    deciles = [u[chunk].mean().item() for chunk in order.chunk(10)]
-    return {"update_by_importance_decile": deciles,
-            "top_over_bottom": deciles[-1] / deciles[0] if deciles[0] else None}  # None: the least important never moved
-
-
-def analyses(run: dict) -> dict:
-    """Whatever the run directory allows: router drift, importance, update magnitudes."""
-    run_dir, tasks = run["dir"], run["tasks"]
-    out = {}
-    drift = router_drift(run_dir, tasks)
-    if drift is not None:
-        out["router_drift"] = {"mean": sum(d["mean"] for d in drift.values()) / len(drift),
-                               "per_task": {k: d["mean"] for k, d in drift.items()}, "per_layer": {k: d["per_layer"] for k, d in drift.items()}}
-    if (Path(run_dir) / "ckpt" / f"task{len(tasks)}.safetensors").exists() and _adapter_tensors(run_dir, len(tasks), "importance_agg"):
-        out["importance"] = importance_stats(run_dir, len(tasks))
-        updates = update_vs_importance(run_dir, len(tasks)) if len(tasks) > 1 else None
-        if updates is not None:
-            out["updates"] = updates
-            out["updates_B"] = update_vs_importance(run_dir, len(tasks), "lora_B")
-    return out
-
-
-def figures(run: dict, found: dict) -> list[Path]:
-    """PNG figures into RUN_DIR/figures (needs matplotlib)."""
+def figures(run: dict) -> list[Path]:
+    """accuracy_matrix.png (each cell's score written in it) and loss.png in RUN_DIR/figures; needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig_dir = Path(run["dir"]) / "figures"
+    fig_dir, tasks = Path(run["dir"]) / "figures", run["tasks"]
     fig_dir.mkdir(exist_ok=True)
-    made, tasks = [], run["tasks"]
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(fig_dir / name, dpi=90)
-        plt.close(fig)
-        made.append(fig_dir / name)
-
     R = [[float("nan") if v is None else v for v in row] for row in run["R"]]
-    fig, ax = plt.subplots(figsize=(5, 4))
-    im = ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
+    fig, ax = plt.subplots(figsize=(1 + 0.75 * len(tasks), 0.6 + 0.6 * len(tasks)))
+    image = ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
+    for i, row in enumerate(run["R"]):
+        for j, v in enumerate(row):
+            if v is not None:  # white on the dark low scores, black on the bright high ones
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8, color="black" if v > 60 else "white")
     ax.set(xticks=range(len(tasks)), yticks=range(len(tasks)), xlabel="evaluated on", ylabel="after training",
-           title=f"accuracy matrix: {run['method']}")
+           title=f"accuracy matrix: {run['method']} (AP {run['metrics']['ap']:.1f})")
     ax.set_xticklabels(tasks, rotation=45)
     ax.set_yticklabels(tasks)
-    fig.colorbar(im)
-    save(fig, "accuracy_matrix.png")
-
+    fig.colorbar(image, label="score")
+    made = [_save(fig, fig_dir / "accuracy_matrix.png", plt)]
     log_path = Path(run["dir"]) / "log.jsonl"
-    if log_path.exists():
+    if log_path.exists() and log_path.stat().st_size:
         log = [json.loads(line) for line in log_path.read_text().splitlines()]
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.plot([r["task_loss"] for r in log], lw=0.8)
@@ -476,28 +320,15 @@ def figures(run: dict, found: dict) -> list[Path]:
             if log[i]["task"] != log[i - 1]["task"]:
                 ax.axvline(i, color="gray", lw=0.5)
         ax.set(xlabel="step", ylabel="task loss", title="training loss (lines: task boundaries)")
-        save(fig, "loss.png")
-    if "router_drift" in found:
-        per_task = found["router_drift"]["per_task"]
-        fig, ax = plt.subplots(figsize=(5, 3))
-        ax.bar(list(per_task), list(per_task.values()))
-        ax.set(ylabel="JS divergence (bits)", title="router drift: gates after the task vs at the end")
-        save(fig, "router_drift.png")
-    if "importance" in found:
-        maps = found["importance"]["maps"]
-        names = list(maps)[:7]  # the first decoder layer's seven projections
-        fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 2.4))
-        for ax, name in zip(axes if len(names) > 1 else [axes], names):
-            ax.imshow(maps[name], aspect="auto", cmap="magma")
-            ax.set(title=name.rsplit(".", 1)[-1], xlabel="rank k", ylabel="expert e")
-        fig.suptitle("aggregated importance I_agg (expert x rank)")
-        save(fig, "importance_map.png")
-    if "updates" in found:
-        fig, ax = plt.subplots(figsize=(5, 3))
-        ax.bar(range(1, 11), found["updates"]["update_by_importance_decile"])
-        ax.set(xlabel="old-task importance decile", ylabel="mean ||Δa_ek||", title="update size vs importance")
-        save(fig, "update_vs_importance.png")
+        made.append(_save(fig, fig_dir / "loss.png", plt))
     return made
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -514,37 +345,13 @@ def main(argv: list[str] | None = None) -> None:
         if identified:  # HiDe-LLaVA, DDAS
             text += "\ntask identification (% of each task's test items given their own task's expert): " + \
                 ", ".join(f"{k} {v:.1f}" for k, v in identified.items()) + "\n"
-        found = analyses(runs[0])
-        if found:
-            (runs[0]["dir"] / "analyses.json").write_text(json.dumps(found, indent=1))
-            text += "\n" + analyses_text(found)
         try:
-            made = figures(runs[0], found)
-            text += "\nfigures: " + ", ".join(str(p) for p in made) + "\n"
+            text += "\nfigures: " + ", ".join(str(p) for p in figures(runs[0])) + "\n"
         except ImportError:
             text += "\n(no figures: pip install matplotlib)\n"
     out = args.out or (args.runs[0] / "report.md" if len(runs) == 1 else args.runs[0].parent / "report.md")
     out.write_text(text)
     print(text + f"\nwritten to {out}")
-
-
-def analyses_text(found: dict) -> str:
-    ratio = lambda r: "-" if r is None else f"{r:.2f}"  # noqa: E731 (None: the least important decile never moved)
-    lines = []
-    if "router_drift" in found:
-        lines.append(f"router drift (JS, bits, mean over old tasks, layers, tokens): {found['router_drift']['mean']:.4f}")
-    if "importance" in found:
-        lines.append(f"importance concentration: top 10% of (expert, rank) directions hold "
-                     f"{100 * found['importance']['top10_share']:.1f}% of I_agg (mean over layers)")
-    if "updates" in found:
-        d = found["updates"]["update_by_importance_decile"]
-        lines.append(f"A-row update size, least vs most important decile: {d[0]:.4f} vs {d[-1]:.4f} "
-                     f"(ratio {ratio(found['updates']['top_over_bottom'])})")
-    if "updates_B" in found:
-        d = found["updates_B"]["update_by_importance_decile"]
-        lines.append(f"B-column update size, least vs most important decile: {d[0]:.4f} vs {d[-1]:.4f} "
-                     f"(ratio {ratio(found['updates_B']['top_over_bottom'])})")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -2,16 +2,16 @@
 
     add_adapters(model, cfg)        PASs layers on q,k,v,o,gate,up,down of every decoder layer
                                     of the language model (the paper's protocol), rest frozen
-    tiny_llava(seed)                a small LLaVA-1.5 built in code with its own tokenizer
-    pretrained_tiny(cache_dir)      the tiny model after a short generic pretraining, cached
     load_llava(name_or_path)        the real llava-hf/llava-1.5-7b-hf (local dir or the hub)
     embed / forward(bundle, batch)  the language model's input embeddings (image features in the
                                     <image> positions) and its logits, for a data.Collator batch
     generate(bundle, batch)         batched greedy decoding, left padding
+    passes, mixture_weights         what methods and analyses compute besides training: features,
+                                    per-example forwards, the gates of every PASs layer
     save_adapters / load_adapters   only what the method trains and tracks, in safetensors
 
-The tiny model has the module layout of llava-1.5-7b-hf, so the same injection pattern,
-adapter files and training code run on both. Token masks: data.Collator expands <image>
+The tiny LLaVA of the sanity stream (toy/tiny_llava.py) has the module layout of llava-1.5-7b-hf,
+so the same injection pattern, adapter files and training code run on both. Token masks: data.Collator expands <image>
 itself, so a batch's attention mask lines up with the language model's hidden states and
 is what `pasmoe.track_importance` receives.
 
@@ -22,29 +22,29 @@ so that the frozen vision tower's features can be computed once per image and ke
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import os
-import random
-import shutil
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import data
-from pasmoe import PASsConfig, inject, pas_layers
+from engine.runs import atomic_write
+from pasmoe import PASsConfig, PASsMoELinear, inject, pas_layers
 
 # The paper puts adapters on every linear layer of the language model and nowhere else.
 # Anchored on language_model: CLIP's attention in the vision tower also has q/k/v_proj.
 TARGET = r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
 PER_DECODER_LAYER = 7
 PROJECTOR = "model.multi_modal_projector"
+
+
+class ModelError(ValueError):
+    """A checkpoint that cannot be used as given: says which and what to do."""
 
 
 @dataclass
@@ -69,10 +69,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def add_adapters(model: nn.Module, cfg: PASsConfig, train_projector: bool = False, verbose: bool = True) -> list[str]:
-    """Put PASs layers on the language model's linear layers (inject freezes everything else;
-    the adapters keep cfg.adapter_dtype, fp32 by default, under a bf16 base), report counts."""
-    names = inject(model, cfg, target=TARGET)
+def add_adapters(model: nn.Module, cfg: PASsConfig, layer_class=PASsMoELinear, train_projector: bool = False,
+                 verbose: bool = True) -> list[str]:
+    """Put PASs layers (`layer_class`: pasmoe's or a baseline's variant) on the language model's linear
+    layers (inject freezes everything else; the adapters keep cfg.adapter_dtype, fp32 by default, under a
+    bf16 base), report counts."""
+    names = inject(model, cfg, target=TARGET, layer_class=layer_class)
     n_layers = model.config.text_config.num_hidden_layers
     if len(names) != PER_DECODER_LAYER * n_layers:
         raise RuntimeError(f"wrapped {len(names)} linear layers, expected {PER_DECODER_LAYER} x {n_layers} "
@@ -85,170 +87,6 @@ def add_adapters(model: nn.Module, cfg: PASsConfig, train_projector: bool = Fals
               f"experts of rank {cfg.rank}, scaling alpha / r = {cfg.alpha:g} / {cfg.rank} = {cfg.alpha / cfg.rank:g}; "
               f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
     return names
-
-
-# ---- the tiny LLaVA ----
-
-
-@dataclass
-class TinyConfig:
-    vision_hidden: int = 512  # CLIP width: wide, so the frozen random tower keeps most of each 16 x 16 x 3 patch
-    vision_layers: int = 2
-    text_hidden: int = 128  # Llama width
-    text_layers: int = 2
-    text_intermediate: int = 256
-    heads: int = 4
-    image_size: int = data.SIZE  # 32 x 32 images
-    patch_size: int = 16  # one patch per quadrant, where the sanity images put their objects: 4 image tokens
-    pretrain_steps: int = 2500  # projector + language model trained on data.pretrain_mixture
-    pretrain_lr: float = 1e-3
-    pretrain_batch: int = 16
-    seed: int = 0
-
-
-def tiny_tokenizer():
-    """Word-level tokenizer over the sanity stream's vocabulary; spaces are tokens too, so
-    decoding gives back the exact text."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-    vocab = {w: i for i, w in enumerate(specials + data.vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\s"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])  # BOS, as Llama's
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", additional_special_tokens=["<image>"], padding_side="left")
-
-
-def _tensor_image(image) -> torch.Tensor:
-    """Tiny model's preprocessing: a (3, H, W) tensor in [0, 1] or an image file -> 32 x 32, centred."""
-    if not torch.is_tensor(image):
-        from PIL import Image
-
-        with Image.open(image) as im:
-            im = im.convert("RGB").resize((data.SIZE, data.SIZE))
-            image = torch.tensor(list(im.getdata()), dtype=torch.float).view(data.SIZE, data.SIZE, 3).permute(2, 0, 1) / 255
-    return (image - 0.5) / 0.5
-
-
-def tiny_llava(cfg: TinyConfig = TinyConfig()) -> LlavaBundle:
-    """A randomly initialised LLaVA-1.5 of the 7B's layout, small enough for CPU."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    tok = tiny_tokenizer()
-    n_image = (cfg.image_size // cfg.patch_size) ** 2
-    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
-                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.heads,
-                              image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
-    text = LlamaConfig(hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
-                       num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-                       vocab_size=len(tok), max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=n_image,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(cfg.seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    return LlavaBundle(model, tok, n_image, _tensor_image, name="tiny")
-
-
-_BUILT_FROM = (Path(__file__), Path(data.__file__))  # the model, tokenizer and loop; the data and collator
-
-
-def _tiny_key(cfg: TinyConfig) -> str:
-    """Cache key: the tiny config, torch's version, the whole text of the files that build and feed
-    the base (any edit there means one rebuild, a few minutes) and the pretraining data. A key of
-    a few functions' source missed the tokenizer and the collator, and a stale base was loaded."""
-    code = [f.read_text() for f in _BUILT_FROM]
-    digest = hashlib.sha256(json.dumps([asdict(cfg), torch.__version__, code], sort_keys=True).encode())
-    for ex in data.pretrain_mixture(cfg.seed):
-        digest.update((ex.problem + ex.solution).encode())
-        if ex.image is not None:
-            digest.update(ex.image.numpy().tobytes())
-    return digest.hexdigest()[:12]
-
-
-def _pretrain(bundle: LlavaBundle, cfg: TinyConfig) -> dict:
-    """Train the tiny model's projector and language model on the generic mixture; returns
-    held-out exact match per kind."""
-    from tqdm import tqdm
-
-    mixture = list(data.pretrain_mixture(cfg.seed))
-    held_out, train = mixture[:200], mixture[200:]
-    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, max_length=256)
-    model = bundle.model.train()
-    # The vision tower keeps its random init, as LLaVA keeps CLIP frozen: trained jointly
-    # here, it collapses onto colour and position within a few hundred steps and loses the
-    # shape and glyph information that a random tower still carries.
-    model.model.vision_tower.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.0)
-    rng = random.Random(cfg.seed)
-    batches = []
-    for step in tqdm(range(cfg.pretrain_steps), desc="pretraining tiny LLaVA", leave=False, disable=None):
-        lr = cfg.pretrain_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / cfg.pretrain_steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if not batches:  # 8 batches at a time from items of similar length: less padding, same data
-            pool = sorted(rng.sample(train, 8 * cfg.pretrain_batch), key=lambda ex: len(ex.problem) + len(ex.solution))
-            batches = [pool[i:i + cfg.pretrain_batch] for i in range(0, len(pool), cfg.pretrain_batch)]
-            rng.shuffle(batches)
-        batch = collate.train(batches.pop())
-        loss = model(inputs_embeds=embed(bundle, batch), attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    hits: dict[str, list[bool]] = {}
-    for i in range(0, len(held_out), 50):
-        chunk = held_out[i:i + 50]
-        preds = generate(bundle, collate.prompts(chunk), max_new_tokens=48)
-        for p, ex in zip(preds, chunk):
-            hits.setdefault(ex.task.removeprefix("pretrain-"), []).append(p.strip() == ex.solution)
-    every = [h for kind in hits.values() for h in kind]
-    return {"pretrain_steps": cfg.pretrain_steps, "final_loss": round(loss.item(), 4),
-            "held_out_exact_match": round(100 * sum(every) / len(every), 2), "held_out": len(every),
-            "per_kind": {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())}}
-
-
-def pretrained_tiny(cache_dir: str | Path = "cache", cfg: TinyConfig = TinyConfig()) -> LlavaBundle:
-    """The tiny LLaVA after generic pretraining: loaded from cache_dir, or built (a few minutes,
-    on one thread so that every machine of a kind builds the same weights) and cached under a
-    key of its config, code and data."""
-    from transformers import LlavaForConditionalGeneration
-
-    path = Path(cache_dir) / f"tiny-llava-{_tiny_key(cfg)}"
-    if (path / "model.safetensors").exists():  # no random model built first: it would be overwritten
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-        return LlavaBundle(model, tiny_tokenizer(), image_positions(model.config), _tensor_image, name=path.name,
-                           info=json.loads((path / "pretrain.json").read_text()))
-    bundle = tiny_llava(cfg)
-    bundle.name = path.name
-    print(f"building the pretrained tiny base in {path} (once; cached)")
-    start = time.time()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # sums in one order: the same base whatever the machine's thread count
-    try:
-        bundle.info = _pretrain(bundle, cfg) | {"seconds": round(time.time() - start, 1)}
-    finally:
-        torch.set_num_threads(threads)
-    print(f"tiny base: held-out exact match {bundle.info['held_out_exact_match']:.1f}% "
-          f"(per kind {bundle.info['per_kind']}) after {cfg.pretrain_steps} steps ({bundle.info['seconds']} s)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))  # beside the target: same filesystem
-    bundle.model.save_pretrained(tmp)
-    (tmp / "pretrain.json").write_text(json.dumps(bundle.info, indent=1))
-    try:
-        os.replace(tmp, path)  # atomic: a half-written cache never looks complete
-    except OSError:
-        if not (path / "model.safetensors").exists():
-            raise
-        shutil.rmtree(tmp)  # another process finished the same build first; its copy is equal
-    return bundle
 
 
 # ---- the real model ----
@@ -269,12 +107,16 @@ def load_llava(name_or_path: str = "llava-hf/llava-1.5-7b-hf", dtype=torch.bfloa
     in bf16; `python llava_wrap.py plan` gives the memory of training it with adapters."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    processor = AutoProcessor.from_pretrained(name_or_path)
-    model = LlavaForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path)
+        model = LlavaForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
+    except OSError as err:  # no such folder, no network for a hub name, missing files
+        raise ModelError(f"--model {name_or_path}: cannot load it ({str(err).splitlines()[0]}); give a local folder "
+                         "in llava-hf's layout, or a hub name with a network") from err
     num_image_tokens = image_positions(model.config)
     expanded = data.processor_image_tokens(processor)
     if expanded != num_image_tokens:
-        raise ValueError(f"{name_or_path}: its processor expands <image> into {expanded} positions, but its vision "
+        raise ModelError(f"{name_or_path}: its processor expands <image> into {expanded} positions, but its vision "
                          f"tower gives {num_image_tokens} features per image (image_size / patch_size and "
                          f"vision_feature_select_strategy in config.json): the two files do not belong together")
     if device is not None:
@@ -428,16 +270,63 @@ def generate(bundle: LlavaBundle, batch: dict, max_new_tokens: int = 64) -> list
     return tok.batch_decode(out, skip_special_tokens=True)  # given embeddings, generate returns the new tokens only
 
 
+def passes(bundle: LlavaBundle, collate: data.Collator, device, batch_size: int, amp: Callable) -> tuple:
+    """What a method may compute besides the training step: forward(examples) -> (logits, labels), for EWC
+    and MAS; features(examples) -> each example's frozen {"image": the mean vision feature of its image,
+    or None; "text": the mean embedding of its instruction}, for L2P, HiDe-LLaVA and DDAS, computed
+    batch_size at a time (at LLaVA-7B an image's features are 29 MiB). amp(): the run's autocast."""
+
+    def forward_(examples):
+        batch = to_device(collate.train(examples), device)
+        with amp():
+            return forward(bundle, batch), batch["labels"]
+
+    @torch.no_grad()
+    def features(examples):
+        out, table = [], bundle.model.get_input_embeddings()
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            with_image = [ex for ex in chunk if ex.image is not None]
+            images = iter(vision_features(bundle, with_image).float().mean(1) if with_image else ())
+            for ex in chunk:
+                ids = torch.tensor(collate.tok(ex.problem, add_special_tokens=False)["input_ids"], device=device)
+                out.append({"image": next(images) if ex.image is not None else None, "text": table(ids).float().mean(0)})
+        return out
+
+    return forward_, features
+
+
+@torch.no_grad()
+def mixture_weights(bundle: LlavaBundle, batch: dict) -> dict[str, torch.Tensor]:
+    """Every PASs layer's mixture weights on a batch's real tokens: {layer name: (tokens, E)} (paper Fig. 3)."""
+    embeds, attention = inputs(bundle, batch)
+    real = F.pad(batch["attention_mask"].bool(), (embeds.shape[1] - batch["attention_mask"].shape[1], 0))  # a prefix is not
+    gates = {}
+
+    def keep(name, module, args, output):
+        gates[name] = module.gate(args[0])[real].float().cpu()
+
+    hooks = [layer.register_forward_hook(partial(keep, name)) for name, layer in pas_layers(bundle.model).items()]
+    try:
+        bundle.model(inputs_embeds=embeds, attention_mask=attention)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return gates
+
+
 # ---- adapter files ----
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What the method trains and tracks: the PASs layers' parameters and buffers, and every other
     parameter that trains (the projector with --train-projector; the language model under seqft;
-    L2P's prompts)."""
+    L2P's prompts). Not the anchors: checkpoints are written when a task has ended, where the anchors
+    equal the adapters (end_task), so load_adapters restores them from the adapters (at LLaVA-7B,
+    E = 6, r = 128, that is 7 GiB less per checkpoint)."""
     layers = pas_layers(model)
-    state = {f"{name}.{key}": value for name, layer in layers.items()
-             for key, value in layer.state_dict().items() if not key.startswith("base.")}
+    state = {f"{name}.{key}": value for name, layer in layers.items() for key, value in layer.state_dict().items()
+             if not key.startswith(("base.", "anchor_"))}
     inside = {id(p) for layer in layers.values() for p in layer.parameters()}
     return state | {name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in inside}
 
@@ -449,19 +338,20 @@ def _base_fingerprint(model: nn.Module) -> str:
 
 def save_adapters(model: nn.Module, path: str | Path, meta: dict | None = None) -> None:
     """Write adapters + PASs config as safetensors, atomically (temp file, then rename)."""
-    from safetensors.torch import save_file
-
     layers = pas_layers(model)
     cfg = asdict(next(iter(layers.values())).cfg) if layers else None  # None: a method without adapters
     header = {"pas_config": json.dumps(cfg), "targets": json.dumps(sorted(layers)),
               "base": _base_fingerprint(model), "meta": json.dumps(meta or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model).items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    save_file(tensors, tmp, metadata=header)
-    os.replace(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_tensors(adapter_state(model), path, header)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """A safetensors file, written whole or not at all."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_adapter_header(path: str | Path) -> dict:
@@ -504,6 +394,9 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict:
             if tensors[key].shape != value.shape:
                 raise ValueError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, model {tuple(value.shape)}")
             value.copy_(tensors[key])
+        for layer in layers.values():
+            if layer.cfg.stabilize:  # the anchors of the task that ended: the adapters (adapter_state)
+                layer.anchor_A.copy_(layer.lora_A), layer.anchor_B.copy_(layer.lora_B)
     return header["meta"]
 
 

@@ -32,3 +32,14 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module(x).sum()
     return sum(seen.values())
+
+
+def only_read(argv: list[str]) -> list[str]:
+    """A list of test flags, shared by many methods, without the flags that its --method does not read
+    (train_stream refuses those). Every flag in such lists takes a value."""
+    import config
+
+    given = {k: argv[argv.index(f"--{k}") + 1] for k in ("method", "stream", "model") if f"--{k}" in argv}
+    unread = {k for k, (read, _) in config.read_by(config.RunConfig(**given)).items() if not read}
+    pairs = [argv[i : i + 2] for i in range(0, len(argv), 2)]
+    return [a for flag, value in pairs if flag[2:].replace("-", "_") not in unread for a in (flag, value)]

@@ -410,8 +410,14 @@ def make_tokenizer(kind: str = "legacy"):
 def make_llava_checkpoint(path, tokenizer: str = "legacy", seed: int = 0, dtype=None) -> Path:
     """Write a tiny llava-hf-style LLaVA-1.5 checkpoint directory (see the module docstring); returns path."""
     import torch
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     path = Path(path)
     dtype = torch.bfloat16 if dtype is None else dtype

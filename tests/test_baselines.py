@@ -15,7 +15,7 @@ def stream(sizes=(40, 30, 20)):
 
 
 def cfg(fraction=0.1, seed=0):
-    return SimpleNamespace(replay_fraction=fraction, seed=seed)
+    return SimpleNamespace(method_args={"replay_fraction": fraction}, seed=seed)
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.25])
@@ -44,16 +44,20 @@ def test_joint_trains_once_on_every_tasks_train_items():
     assert sorted(joint.examples(2)) == sorted(x for t in tasks for x in t.train)
 
 
-def test_every_method_has_layer_switches_the_layer_accepts():
-    # planted bug: a misspelt gate or reg in METHODS (found only when someone runs that method)
-    from pasmoe import PASsConfig
-    for name, (switches, method) in METHODS.items():
-        assert issubclass(method, Method), name
-        if switches is None:  # seqft, l2p: no PASs layers
-            continue
-        layer = {k: v for k, v in switches.items() if k != "experts"}
-        assert switches.get("experts", "per-task") == "per-task", name
-        PASsConfig(num_experts=1 if switches["gate"] == "single" else 3, **layer)  # raises on unknown
+def test_every_method_is_built_from_parts_that_exist():
+    # planted bugs: a misspelt adapter layout, a layer argument that no flag provides, a flag whose
+    # default is outside its own range (found only when someone runs that method)
+    from torch import nn as tnn
+
+    from pasmoe import PASsConfig, PASsMoELinear
+
+    for name, spec in METHODS.items():
+        assert issubclass(spec.cls, Method), name
+        assert spec.adapters in ("mixture", "one", "per-task", None), name
+        assert issubclass(spec.layer, PASsMoELinear) and set(spec.layer_args) <= {*spec.flags, "seed"}, name
+        assert all(f.problem(f.default) is None for f in spec.flags.values()), name
+        args = {k: spec.flags[k].default if k in spec.flags else 0 for k in spec.layer_args}
+        spec.layer(tnn.Linear(4, 4), PASsConfig(num_experts=3, rank=2, stabilize=spec.stabilize), **args)
 
 
 # ---- the regularization and architecture families, against float64 hand computations ----
@@ -77,7 +81,7 @@ class TinyLM(nn.Module):
         torch.manual_seed(seed)
         self.emb = nn.Embedding(V, D).requires_grad_(False)
         self.out = nn.Linear(D, V, bias=False)
-        inject(self, PASsConfig(num_experts=1, rank=rank, alpha=3.0, gate="single", reg="none"), target=r"^out$")
+        inject(self, PASsConfig(num_experts=1, rank=rank, alpha=3.0, stabilize=False), target=r"^out$")
         with torch.no_grad():
             self.out.lora_B.normal_()  # nonzero B: every gradient term is exercised
 
@@ -132,7 +136,8 @@ def test_importance_is_the_mean_of_per_example_squares_or_magnitudes(kind):
     # gradient (MAS), dividing by the token count instead of the example count
     model, data_ = TinyLM(), examples()
     cls = EWC if kind == "ewc" else MAS
-    method = cls(SimpleNamespace(ewc_gamma=1.0), model, [SimpleNamespace(train=data_)], forward_of(model))
+    args = {"ewc_gamma": 1.0, "mas_gamma": 1.0}
+    method = cls(SimpleNamespace(method_args=args), model, [SimpleNamespace(train=data_)], forward_of(model))
     got = method.task_importance(data_)
     ref_A, ref_B = 0, 0
     for ex in data_:
@@ -147,7 +152,7 @@ def test_importance_is_the_mean_of_per_example_squares_or_magnitudes(kind):
 def test_consolidation_penalty_is_zero_at_the_anchor_with_the_right_gradient(cls):
     # planted bugs: the anchor taken before the task trained, a missing 1/2, gamma ignored
     model, data_ = TinyLM(), examples()
-    cfg = SimpleNamespace(ewc_gamma=0.5, ewc_lambda=3.0, mas_lambda=3.0)
+    cfg = SimpleNamespace(method_args=dict(ewc_gamma=0.5, ewc_lambda=3.0, mas_gamma=0.5, mas_lambda=3.0))
     method = cls(cfg, model, [SimpleNamespace(train=data_)] * 2, forward_of(model))
     batch = {"logits": torch.zeros(1)}
     assert method.extra_loss(batch)["consolidation"] == 0  # no anchor before the first task ends
@@ -186,7 +191,7 @@ def test_lwf_teacher_is_the_model_before_the_task():
     # planted bugs: a teacher that shares the live parameters (the term is then always 0),
     # or one taken before the previous task trained
     model, data_ = TinyLM(), examples()
-    cfg = SimpleNamespace(lwf_lambda=2.0, lwf_temperature=2.0)
+    cfg = SimpleNamespace(method_args=dict(lwf_lambda=2.0, lwf_temperature=2.0))
     method = LwF(cfg, model, [None, None])
     before = copy.deepcopy(model)
     method.begin_task(1)
@@ -208,7 +213,8 @@ def test_lwf_teacher_is_the_model_before_the_task():
 
 def olora(rank=R, tasks=3):
     model = TinyLM(rank=rank)
-    return model, OLoRA(SimpleNamespace(weight_decay=0.0, olora_lambda1=0.5, olora_lambda2=0.25), model, [None] * tasks)
+    args = dict(olora_lambda1=0.5, olora_lambda2=0.25)
+    return model, OLoRA(SimpleNamespace(weight_decay=0.0, method_args=args), model, [None] * tasks)
 
 
 def test_olora_orthogonality_term_matches_a_loop():
@@ -254,7 +260,7 @@ def test_olora_refuses_what_it_cannot_honour():
 
 # ---- L2P, HiDe-LLaVA, DDAS: their selection, on hand-made features ----
 
-from baselines import DDAS, L2P, HiDe  # noqa: E402
+from baselines import DDAS, L2P, ChosenExperts, HiDe  # noqa: E402
 from data import Example, Task  # noqa: E402
 
 
@@ -267,7 +273,7 @@ class Layers(nn.Module):
         torch.manual_seed(0)
         self.emb = nn.Embedding(V, D)
         self.layers = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(D, D)}) for _ in range(2))
-        inject(self, PASsConfig(num_experts=2, rank=2, gate="pas", reg="none"), target=r"proj$")
+        inject(self, PASsConfig(num_experts=2, rank=2, stabilize=False), target=r"proj$", layer_class=ChosenExperts)
         with torch.no_grad():
             for layer in (self.layers[0]["proj"], self.layers[1]["proj"]):
                 layer.lora_B.normal_()

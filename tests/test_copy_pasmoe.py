@@ -20,4 +20,4 @@ def test_pasmoe_alone_passes_its_checks(tmp_path):
                            str(tmp_path / "test_layer_alone.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "11 passed" in done.stdout, done.stdout[-1000:]
+    assert "12 passed" in done.stdout, done.stdout[-1000:]

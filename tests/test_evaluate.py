@@ -241,26 +241,15 @@ def test_cli_missing_matrix_is_a_clear_error(tmp_path):
         main([str(tmp_path)])
 
 
-def test_update_vs_importance_sorts_row_and_column_moves_by_importance(tmp_path):
-    # planted bugs: the norm over the wrong axis (columns of A, rows of B), or deciles taken
-    # in the order of the layer instead of the importance
-    import torch
-    from safetensors.torch import save_file
+def test_the_heatmap_shows_every_score_and_a_colorbar(tmp_path, monkeypatch):
+    # planted bugs: the cells' values not written on the heatmap, the colorbar dropped
+    pytest.importorskip("matplotlib")
+    import evaluate
 
-    from evaluate import update_vs_importance
-
-    (tmp_path / "ckpt").mkdir()
-    r, d, o = 10, 3, 4
-    importance = torch.tensor([[5.0, 1, 9, 3, 7, 2, 10, 4, 8, 6]])  # (e=1, r)
-    A1, B1 = torch.randn(1, r, d), torch.randn(1, o, r)
-    A2, B2 = A1.clone(), B1.clone()
-    for k in range(r):
-        A2[0, k, 0] += 0.1 * importance[0, k]  # row k of A moves by 0.1 x its importance
-        B2[0, 0, k] -= 1.0 / importance[0, k]  # column k of B moves by 1 / its importance
-    for t, (A, B) in enumerate([(A1, B1), (A2, B2)], start=1):
-        save_file({"m.lora_A": A, "m.lora_B": B, "m.importance_agg": importance}, tmp_path / "ckpt" / f"task{t}.safetensors")
-    rows = update_vs_importance(tmp_path, 2, "lora_A")
-    assert rows["update_by_importance_decile"] == pytest.approx([0.1 * i for i in range(1, 11)], rel=1e-5)
-    cols = update_vs_importance(tmp_path, 2, "lora_B")
-    assert cols["update_by_importance_decile"] == pytest.approx([1.0 / i for i in range(1, 11)], rel=1e-5)
-    assert cols["top_over_bottom"] == pytest.approx(0.1, rel=1e-5)
+    run = load_run(write_run(tmp_path / "r", "seqlora", 0, [[80.0, None], [20.0, 90.0]]))
+    drawn = []
+    monkeypatch.setattr(evaluate, "_save", lambda fig, path, plt: drawn.append(fig) or path)
+    evaluate.figures(run)
+    heatmap = drawn[0]
+    assert sorted(t.get_text() for t in heatmap.axes[0].texts) == ["20", "80", "90"]  # the None cell stays empty
+    assert len(heatmap.axes) == 2  # the matrix and its colorbar

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import train_stream as ts
+from helpers import only_read
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSON = (ROOT / "LESSON.md").read_text()
@@ -42,7 +43,7 @@ def test_exercise_one_at_a_reduced_size_writes_what_students_look_at(tmp_path):
     # planted bug: the run directory's files renamed, so the lesson points at nothing
     argv = shlex.split(COMMANDS[0])[2:]
     argv = [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")]
-    cfg, _ = ts.parse_args(argv + REDUCED + ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")])
+    cfg, _ = ts.parse_args(only_read(argv + REDUCED + ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]))
     ts.run(cfg)
     looked_at = set(re.findall(r"`runs/[^/`]+/([^`]+)`", LESSON.split("## Exercise 2", 1)[0]))
     assert looked_at, "exercise 1 names no file to look at"

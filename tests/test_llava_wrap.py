@@ -10,13 +10,14 @@ import torch
 import data
 import llava_wrap as lw
 from pasmoe import PASsConfig, end_task, pas_layers, track_importance
+from toy import sanity, tiny_llava
 
 CFG = PASsConfig(num_experts=3, rank=2, alpha=4.0)
 
 
 @pytest.fixture(scope="module")
 def base():
-    return lw.tiny_llava(lw.TinyConfig(text_layers=2))
+    return tiny_llava.tiny_llava(tiny_llava.TinyConfig(text_layers=2))
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def bundle(base):
 
 
 def examples(n=4, task="art"):
-    return data.sanity_stream(n_train=8, n_test=8)[data.TASKS.index(task)].train[:n]
+    return sanity.sanity_stream(n_train=8, n_test=8)[data.TASKS.index(task)].train[:n]
 
 
 def collator(b, max_length=256):
@@ -71,7 +72,9 @@ def test_projector_option_trains_it_too(bundle):
 
 def test_logits_equal_unwrapped_model_at_init(bundle, base):
     batch = collator(bundle).train(examples())
-    lw.add_adapters(bundle.model, PASsConfig(num_experts=3, rank=2, gate="softmax"), verbose=False)
+    from baselines import RoutedMoELinear
+
+    lw.add_adapters(bundle.model, PASsConfig(num_experts=3, rank=2), layer_class=RoutedMoELinear, verbose=False)
     with torch.no_grad():  # B = 0 at init; two model instances: fp32 GEMM-level tolerance, not bitwise
         assert torch.allclose(lw.forward(bundle, batch), lw.forward(base, batch), rtol=1e-5, atol=1e-5)
 
@@ -118,16 +121,19 @@ def test_importance_excludes_padding(bundle):
 
 
 def test_importance_counted_once_with_gradient_checkpointing(bundle):
+    # planted bug: counting in a training forward, whose checkpointed layers run again inside backward
     lw.add_adapters(bundle.model, CFG, verbose=False)
     bundle.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     bundle.model.train()
     batch = collator(bundle).train(examples())
     mask = batch["attention_mask"].bool()
-    with track_importance(bundle.model, token_mask=mask):
+    with track_importance(bundle.model, token_mask=mask), pytest.raises(RuntimeError, match="no-grad"):
         loss_of(bundle, batch).backward()
-    layer = next(iter(pas_layers(bundle.model).values()))
-    assert layer.task_tokens.item() == mask.sum().item()
-    assert layer.lora_B.grad is not None
+    for layer in pas_layers(bundle.model).values():
+        layer.task_importance_sum.zero_(), layer.task_tokens.zero_()
+    with torch.no_grad(), track_importance(bundle.model, token_mask=mask):
+        loss_of(bundle, batch)
+    assert {layer.task_tokens.item() for layer in pas_layers(bundle.model).values()} == {mask.sum().item()}
 
 
 def test_save_load_round_trip_and_mismatches(bundle, base, tmp_path):
@@ -137,6 +143,9 @@ def test_save_load_round_trip_and_mismatches(bundle, base, tmp_path):
     end_task(bundle.model)
     path = tmp_path / "a.safetensors"
     lw.save_adapters(bundle.model, path, meta={"task": "art"})
+    from safetensors.torch import load_file
+
+    assert not [k for k in load_file(path) if "anchor" in k]  # they equal the adapters: not stored twice
 
     fresh = copy.deepcopy(base.model)
     lw.add_adapters(fresh, CFG, verbose=False)
@@ -152,7 +161,7 @@ def test_save_load_round_trip_and_mismatches(bundle, base, tmp_path):
     lw.add_adapters(other_cfg, PASsConfig(num_experts=4, rank=2, alpha=4.0), verbose=False)
     with pytest.raises(ValueError, match="num_experts: file 3 vs model 4"):
         lw.load_adapters(other_cfg, path)
-    other_base = lw.tiny_llava(lw.TinyConfig(text_layers=3)).model
+    other_base = tiny_llava.tiny_llava(tiny_llava.TinyConfig(text_layers=3)).model
     lw.add_adapters(other_base, CFG, verbose=False)
     with pytest.raises(ValueError, match="base model"):
         lw.load_adapters(other_base, path)
@@ -253,13 +262,13 @@ def test_tiny_base_is_the_same_at_any_thread_count(tmp_path):
     # over the pretraining steps that gives another base (after 2,500 steps: 97% held-out exact
     # match against 100%, and the study's calibration moved with it). The property is that one
     # code path gives the same bits whatever the thread count, so it is compared exactly.
-    cfg = lw.TinyConfig(pretrain_steps=20)
+    cfg = tiny_llava.TinyConfig(pretrain_steps=20)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = lw.pretrained_tiny(tmp_path / "a", cfg)
+        one = tiny_llava.pretrained_tiny(tmp_path / "a", cfg)
         torch.set_num_threads(2)
-        two = lw.pretrained_tiny(tmp_path / "b", cfg)
+        two = tiny_llava.pretrained_tiny(tmp_path / "b", cfg)
         assert torch.get_num_threads() == 2  # the caller's setting comes back
     finally:
         torch.set_num_threads(threads)
@@ -271,14 +280,16 @@ def test_tiny_base_is_the_same_at_any_thread_count(tmp_path):
 def test_tiny_base_key_covers_the_files_that_build_it(tmp_path, monkeypatch):
     # planted bug, the one that once loaded a stale base: a key of a few functions' source, blind
     # to the tokenizer and the collator that feed the pretraining
-    cfg = lw.TinyConfig()
-    key = lw._tiny_key(cfg)
+    cfg = tiny_llava.TinyConfig()
+    key = tiny_llava._tiny_key(cfg)
     edited = tmp_path / "data.py"
     edited.write_text(Path(data.__file__).read_text().replace("class Collator:", "class Collator:  # edited", 1))
-    monkeypatch.setattr(lw, "_BUILT_FROM", (lw._BUILT_FROM[0], edited))
-    assert lw._tiny_key(cfg) != key
+    built_from = tuple(edited if path.name == "data.py" else path for path in tiny_llava._BUILT_FROM)
+    assert built_from != tiny_llava._BUILT_FROM  # the collator's file is one of them
+    monkeypatch.setattr(tiny_llava, "_BUILT_FROM", built_from)
+    assert tiny_llava._tiny_key(cfg) != key
     monkeypatch.undo()
-    assert lw._tiny_key(cfg) == key and lw._tiny_key(lw.TinyConfig(pretrain_steps=10)) != key
+    assert tiny_llava._tiny_key(cfg) == key and tiny_llava._tiny_key(tiny_llava.TinyConfig(pretrain_steps=10)) != key
 
 
 def test_plan_counts_adapters_of_the_7b():

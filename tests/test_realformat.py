@@ -4,10 +4,9 @@ transformers loads offline, two Llama tokenizer pipelines that round-trip and di
 import json
 
 import pytest
+import realformat as rf
 import torch
 from PIL import Image
-
-import realformat as rf
 
 PROMPT = "USER: <image>\nWhat is it? ASSISTANT:"
 

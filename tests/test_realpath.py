@@ -11,13 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import realformat as rf
 import torch
 from safetensors.torch import load_file
 
 import data
 import llava_wrap
-import realformat as rf
+import config
 import train_stream as ts
+from helpers import only_read
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--order", "numglue,art,fomc,OCR", "--num-experts", "2", "--rank", "2", "--epochs", "1", "--batch-size", "2",
@@ -34,7 +36,8 @@ def bench(tmp_path_factory):
 
 def readme_args(bench, *extra):
     ckpt, root = bench
-    return ["--recipe", "paper", "--stream", "ctbench", "--data-root", str(root), "--model", str(ckpt), *SMALL, *extra]
+    return only_read(["--recipe", "paper", "--stream", "ctbench", "--data-root", str(root), "--model", str(ckpt), *SMALL,
+                      *extra])
 
 
 @pytest.fixture(scope="module")
@@ -223,10 +226,11 @@ def test_data_check_measures_prompts_with_the_checkpoints_tokenizer(bench, capsy
 
 def test_recipe_overrides_keep_its_scaling():
     # planted bug: --rank 4 under --recipe paper kept alpha 256 (alpha / r jumped from 2 to 64)
-    for extra, scaling in ((["--rank", "4"], 2.0), (["--total-rank", "24"], 2.0), (["--rank", "4", "--alpha", "16"], 4.0),
-                           (["--rank", "8", "--total-rank", "24"], 2.0)):  # the total wins, as pas_config reads them
-        pas = ts.parse_args(["--recipe", "paper", "--model", "some/llava", *extra])[0].pas_config()
+    for extra, scaling in ((["--rank", "4"], 2.0), (["--total-rank", "24"], 2.0), (["--rank", "4", "--alpha", "16"], 4.0)):
+        pas = config.adapters(ts.parse_args(["--recipe", "paper", "--model", "some/llava", *extra])[0])[0]
         assert pas.alpha / pas.rank == scaling, extra
+    with pytest.raises(SystemExit):  # which would win is not obvious: refused
+        ts.parse_args(["--recipe", "paper", "--model", "some/llava", "--rank", "8", "--total-rank", "24"])
 
 
 def test_the_command_line_works_under_cprofile():

@@ -1,4 +1,4 @@
-"""study.py's tables and verdicts, and evaluate.paired_difference, on hand-built run directories
+"""lab/study.py's tables and verdicts, and lab/stats.py's intervals, on hand-built run directories
 and on simulated seeds."""
 
 import json
@@ -7,8 +7,9 @@ import statistics
 
 import pytest
 
-import study
-from evaluate import load_run, paired_difference, t_quantile
+from evaluate import load_run
+from lab import study
+from lab.stats import paired_difference, t_quantile
 
 DEFAULT_LA = 5e-4
 

@@ -2,7 +2,7 @@
 `# planted bug:` comment) that the rest of the suite lets pass.
 
 Scorers' marker precedence, the t-interval's degrees of freedom, which runs the study reads for a
-claim, the direction of a mechanism value, --seed reaching reg="random", a prompt method's inputs at
+claim, the direction of a mechanism value, --seed reaching the permuted weights, a prompt method's inputs at
 generation, HiDe's fusion of the seen experts only, and what seqft trains and saves. The model tests
 use a barely pretrained tiny base (SMALL, as tests/test_train_stream.py), built once per module."""
 
@@ -11,20 +11,25 @@ import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+import config
 import data
 import evaluate
 import llava_wrap
-import study
 import train_stream as ts
-from baselines import HiDe, SeqFT
+from baselines import METHODS, ChosenExperts, HiDe, SeqFT
 from data import Example, Task
-from pasmoe import PASsConfig, PASsMoELinear, inject
+from engine.runs import RunDir
+from helpers import only_read
+from lab import analyses, stats, study
+from pasmoe import PASsConfig, inject
 
 SMALL = ["--order", "numglue,art", "--n-train", "16", "--n-test", "4", "--epochs", "1", "--batch-size", "8",
          "--max-new-tokens", "8", "--eval-batch-size", "8", "--probe-size", "2", "--tiny-pretrain-steps", "3",
@@ -41,7 +46,12 @@ def cache(tmp_path_factory):
 
 
 def small(cache, *extra):
-    return ts.parse_args(SMALL + ["--cache-dir", cache, *extra])[0]
+    return ts.parse_args(only_read(SMALL + ["--cache-dir", cache, *extra]))[0]
+
+
+def passes(bundle, cfg):
+    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
+    return collate, llava_wrap.passes(bundle, collate, CPU, cfg.eval_batch_size, contextlib.nullcontext)
 
 
 # ---- 1. scorers: which answer marker wins ----
@@ -83,7 +93,7 @@ def test_paired_interval_half_width_uses_n_minus_1_degrees_of_freedom(n, t):
     b = [48.0 + 2.1 * math.cos(2 * i) for i in range(n)]
     diffs = [x - y for x, y in zip(a, b)]
     half = t * statistics.stdev(diffs) / math.sqrt(n)
-    mean, low, high = evaluate.paired_difference(a, b)
+    mean, low, high = stats.paired_difference(a, b)
     assert mean == pytest.approx(statistics.mean(diffs), rel=1e-12)
     # the table's t has 10 significant digits, so 1e-8 relative; the bug moves it by >= 1.5e-2
     assert (high - low) / 2 == pytest.approx(half, rel=1e-8)
@@ -192,7 +202,7 @@ def test_claims_calibration_and_learnability_read_only_the_main_settings(tmp_pat
 
 def mechanism_run(seed, least_A, most_A, least_B, most_B, method="pasmoe"):
     """A run whose analyses hold update sizes by importance decile (A rows and B columns), with
-    evaluate.update_vs_importance's ratio: the most important decile over the least important."""
+    analyses.update_vs_importance's ratio: the most important decile over the least important."""
     def updates(least, most):
         deciles = [least + (most - least) * k / 9 for k in range(10)]
         return {"update_by_importance_decile": deciles, "top_over_bottom": deciles[-1] / deciles[0]}
@@ -226,28 +236,28 @@ def test_the_decile_claim_and_the_mechanisms_table_read_least_over_most():
     assert mech[4].startswith(f"{statistics.mean(ratios_A):.2f} [") and mech[5].startswith(f"{statistics.mean(ratios_B):.2f} [")
 
 
-# ---- 5. --seed reaching reg="random" ----
+# ---- 5. --seed reaching the permuted weights ----
 
 
 def test_seed_reaches_the_permutation_of_random_weights():
-    # planted bug: `seed=self.seed` dropped from RunConfig.pas_config (every seed permutes alike)
-    cfgs = {s: ts.parse_args(["--method", "pasmoe-random", "--seed", str(s)])[0].pas_config() for s in (0, 1)}
-    assert cfgs[1].seed == 1 and cfgs[0].seed == 0 and cfgs[1].reg == "random"
+    # planted bug: the seed not passed to the layer (layer_args without "seed", or config.adapters giving
+    # it another value): every seed then permutes alike
+    layers = {s: config.adapters(ts.parse_args(["--method", "pasmoe-random", "--seed", str(s)])[0]) for s in (0, 1)}
+    assert layers[1][1].keywords == {"seed": 1} and layers[0][1].keywords == {"seed": 0}
 
     def layer(seed):
         torch.manual_seed(0)
-        return PASsMoELinear(nn.Linear(4, 3), cfgs[seed], index=5)
+        pas, layer_class = layers[seed]
+        return layer_class(nn.Linear(4, 3), pas, index=5)
 
     one, again, other = layer(1), layer(1), layer(0)
-    assert torch.equal(one.perm, again.perm)  # a seed's permutation is reproducible
-    assert not torch.equal(one.perm, other.perm)  # and another seed's is another one
     agg = torch.arange(1.0, one.importance_agg.numel() + 1).view_as(one.importance_agg) ** 2
-    w = (agg / agg.mean()).clamp(0, cfgs[1].weight_clip)  # the unpermuted weights, by hand
-    for lay in (one, other):
+    w = (agg / agg.mean()).clamp(0, one.cfg.weight_clip)  # the unpermuted weights, by hand
+    for lay in (one, again, other):
         lay.importance_agg.copy_(agg)
     got = one.stab_weights()  # float32; the hand computation differs by rounding at most (1e-6 relative)
-    assert torch.allclose(got, w.flatten()[one.perm].view_as(w), rtol=1e-6, atol=0)  # the same values, moved
-    assert torch.allclose(got.flatten().sort().values, w.flatten().sort().values, rtol=1e-6, atol=0)
+    assert torch.equal(got, again.stab_weights())  # a seed's permutation is reproducible
+    assert torch.allclose(got.flatten().sort().values, w.flatten().sort().values, rtol=1e-6, atol=0)  # the same values
     assert not torch.allclose(got, w, rtol=1e-2) and not torch.allclose(got, other.stab_weights(), rtol=1e-2)
 
 
@@ -274,9 +284,10 @@ def test_generation_feeds_the_prompts_of_l2p(cache):
     # instead of `inputs(bundle, batch)` (the prompts never reach generation: L2P answers as the base)
     cfg = small(cache, "--method", "l2p")
     bundle = ts.load_model(cfg, CPU)
-    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
+    collate, found = passes(bundle, cfg)
     tasks = ts.load_tasks(cfg)
-    method = ts.METHODS["l2p"][1](cfg, bundle.model, tasks, *ts.method_passes(cfg, bundle, collate, CPU))
+    method = METHODS["l2p"].cls(cfg, bundle.model, tasks, *found)
+    run = ts.Run(cfg, RunDir(cfg.out), 0, 1, CPU, tasks, bundle, bundle.model, collate, method, {})
     steps = 6
     with torch.no_grad():
         for task in tasks:  # numglue (text only) and art (with images)
@@ -284,14 +295,14 @@ def test_generation_feeds_the_prompts_of_l2p(cache):
             batch = collate.prompts([ex])
             bundle.input_hook = None
             plain = llava_wrap.generate(bundle, batch, steps)
-            _, plain_rows = ts.evaluate_task(cfg, task, bundle, collate, CPU, method)
+            _, plain_rows = ts.evaluate_task(run, task)
             bundle.input_hook = method.inputs
             prompted = llava_wrap.generate(bundle, batch, steps)
             # tokens, not floats: the cached decode and the full forwards differ by ~1e-6 in the logits,
             # while the top two logits of these steps lie >= 1e-2 apart (measured), so argmaxes agree
             assert prompted == [greedy_by_hand(bundle, batch, steps)], task.key
             assert prompted != plain, task.key  # the prompts change these replies: the check can see them
-            _, rows = ts.evaluate_task(cfg, task, bundle, collate, CPU, method)  # the loop's path, batched
+            _, rows = ts.evaluate_task(run, task)  # the loop's path, batched
             assert [r["text"] for r in rows] != [r["text"] for r in plain_rows], task.key
 
 
@@ -309,7 +320,7 @@ class Layers(nn.Module):
         torch.manual_seed(0)
         self.emb = nn.Embedding(V, D)
         self.layers = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(D, D)}) for _ in range(2))
-        inject(self, PASsConfig(num_experts=3, rank=2, gate="pas", reg="none"), target=r"proj$")
+        inject(self, PASsConfig(num_experts=3, rank=2, stabilize=False), target=r"proj$", layer_class=ChosenExperts)
         with torch.no_grad():
             for layer in (self.layers[0]["proj"], self.layers[1]["proj"]):
                 layer.lora_B[:trained].normal_()
@@ -347,7 +358,7 @@ def test_hide_fuses_only_the_seen_experts_and_restores_everything():
         method.end_task(t)
     low, top = model.layers[0]["proj"], model.layers[1]["proj"]
     assert low.lora_A[2].abs().sum() > 0 and low.lora_B[2].abs().sum() == 0  # the unseen expert, as reset
-    before = {name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.given_gate)
+    before = {name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.chosen)
               for name, layer in method.layers.items()}
     examples = [tasks[0].test[0], tasks[1].test[0], tasks[2].test[0]]
     # the top layer's mixture by hand: softmax(cos(feature, seen task's mean train feature) / 0.1)
@@ -360,13 +371,13 @@ def test_hide_fuses_only_the_seen_experts_and_restores_everything():
     with method.evaluating(examples):
         assert torch.allclose(low.lora_A[0], A[0] + A[1], atol=1e-6) and torch.allclose(low.lora_B[0], B[0] + B[1], atol=1e-6)
         assert torch.equal(low.lora_A[1:], A[1:]) and torch.equal(low.lora_B[1:], B[1:])  # only expert 0 changes
-        assert torch.equal(low.given_gate, torch.tensor([1.0, 0.0, 0.0]))
-        assert top.given_gate.shape == (3, 1, 3) and torch.allclose(top.given_gate[:, 0], expected, atol=1e-5)
+        assert torch.equal(low.chosen, torch.tensor([1.0, 0.0, 0.0]))
+        assert top.chosen.shape == (3, 1, 3) and torch.allclose(top.chosen[:, 0], expected, atol=1e-5)
         assert torch.equal(top.lora_A, before["layers.1.proj"][0])  # the top layer is not fused
     for name, layer in method.layers.items():
         A, B, gate = before[name]
         assert torch.equal(layer.lora_A, A) and torch.equal(layer.lora_B, B), name
-        assert layer.given_gate is gate, name  # task 1's one-hot gate, as begin_task left it
+        assert layer.chosen is gate, name  # task 1's one-hot gate, as begin_task left it
 
 
 # ---- 8. what seqft trains and saves ----
@@ -379,8 +390,7 @@ def test_seqft_trains_and_saves_the_language_model_head_and_projector_in_fp32(ca
     cfg = small(cache, "--method", "seqft", "--dtype", "bfloat16")
     bundle = ts.load_model(cfg, CPU)
     model = bundle.model
-    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
-    SeqFT(cfg, model, ts.load_tasks(cfg), *ts.method_passes(cfg, bundle, collate, CPU))
+    SeqFT(cfg, model, ts.load_tasks(cfg), *passes(bundle, cfg)[1])
     parts = ("model.language_model.", "lm_head.", "model.multi_modal_projector.")
     names = [n for n, _ in model.named_parameters()]
     expected = {n for n in names if n.startswith(parts)}

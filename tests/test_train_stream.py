@@ -6,6 +6,7 @@ above 0. The pipeline tests that compare runs (same seed, resume, DDP) use it, s
 resume that does not load the adapters or an optimizer carried across tasks shows. SMALL, a
 barely pretrained base, is for the tests that only need the machinery to run."""
 
+import contextlib
 import json
 import os
 import socket
@@ -17,8 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import data
+import llava_wrap
 import train_stream as ts
+from engine.runs import RunDir, logged_task
+from helpers import only_read
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--order", "numglue,art", "--n-train", "16", "--n-test", "4", "--epochs", "1", "--batch-size", "8",
@@ -41,12 +46,12 @@ def cache(tmp_path_factory):
 
 
 def small(cache, out, *extra):
-    cfg, _ = ts.parse_args(SMALL + ["--cache-dir", cache, "--out", str(out), *extra])
+    cfg, _ = ts.parse_args(only_read(SMALL + ["--cache-dir", cache, "--out", str(out), *extra]))
     return cfg
 
 
 def learn(cache, out, *extra):
-    cfg, _ = ts.parse_args(LEARN + ["--cache-dir", cache, "--out", str(out), *extra])
+    cfg, _ = ts.parse_args(only_read(LEARN + ["--cache-dir", cache, "--out", str(out), *extra]))
     return cfg
 
 
@@ -104,9 +109,10 @@ def test_run_directory_contents(reference_run):
                  "gates/fomc_after.pt", "gates/art_final.pt"]:
         assert name in files, name
     config = json.loads((reference_run / "config.json").read_text())
-    for key in ("method", "seed", "lr", "pas_config", "versions", "commit", "device_name", "base", "tasks"):
+    for key in ("method", "seed", "lr", "pas_config", "versions", "commit", "device_name", "base", "tasks", "cpu",
+                "cpu_capability", "threads"):  # planted bug: what the numbers depend on left out of the config
         assert key in config, key
-    assert config["pas_config"]["gate"] == "pas" and config["pas_config"]["reg"] == "pas"
+    assert config["pas_config"]["stabilize"] and config["threads"] == torch.get_num_threads()
     matrix = json.loads((reference_run / "matrix.json").read_text())
     assert matrix["tasks"] == ["fomc", "art"] and matrix["R"][0][1] is None
     metrics = json.loads((reference_run / "metrics.json").read_text())
@@ -143,7 +149,7 @@ def test_resume_after_a_crash_in_a_task_equals_an_uninterrupted_run(reference_ru
 
 def test_resume_drops_a_log_line_that_a_kill_cut_short():
     # planted bug: json.loads on every line (a SIGKILL mid-task leaves half a line; resume then failed)
-    assert ts._logged_task('{"task": "fomc", "step": 3}') == "fomc" and ts._logged_task('{"task": "fo') is None
+    assert logged_task('{"task": "fomc", "step": 3}') == "fomc" and logged_task('{"task": "fo') is None
 
 
 def test_nan_loss_stops_with_a_clear_message(cache, tmp_path, monkeypatch):
@@ -171,13 +177,13 @@ def test_command_line_precedence_and_errors(tmp_path):
         ts.parse_args(["--recipe", "paper"])  # the 7B recipe on the tiny model
     with pytest.raises(SystemExit):
         ts.parse_args(["--resume", str(tmp_path), "--lr", "1"])
-    seq = ts.parse_args(["--method", "seqlora", "--num-experts", "4", "--rank", "3"])[0].pas_config()
-    assert (seq.num_experts, seq.rank, seq.gate) == (1, 12, "single")
+    seq = config.adapters(ts.parse_args(["--method", "seqlora", "--num-experts", "4", "--rank", "3"])[0])[0]
+    assert (seq.num_experts, seq.rank) == (1, 12)
     assert seq.alpha / seq.rank == 8.0 / 3  # alpha x E: the same scaling alpha / r as E experts of rank 3
-    split = ts.parse_args(["--method", "moelora", "--num-experts", "4", "--total-rank", "16"])[0].pas_config()
-    assert (split.num_experts, split.rank, split.gate) == (4, 4, "softmax")
-    with pytest.raises(ValueError, match="does not split"):
-        ts.parse_args(["--num-experts", "3", "--total-rank", "16"])[0].pas_config()
+    split, layer = config.adapters(ts.parse_args(["--method", "moelora", "--num-experts", "4", "--total-rank", "16"])[0])
+    assert (split.num_experts, split.rank, layer.func.__name__) == (4, 4, "RoutedMoELinear")
+    with pytest.raises(SystemExit):
+        ts.parse_args(["--num-experts", "3", "--total-rank", "16"])
 
 
 def free_port() -> int:
@@ -235,7 +241,7 @@ def test_two_processes_train_what_a_method_adds_or_unfreezes_as_one_does(cache, 
         torch.set_num_threads(threads)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(ROOT / "train_stream.py"), *SMALL, "--method", method, "--cache-dir", cache, "--out", str(two)]
+           str(ROOT / "train_stream.py"), *only_read(SMALL + ["--method", method]), "--cache-dir", cache, "--out", str(two)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = load_file(two / "ckpt" / "task2.safetensors"), load_file(one / "ckpt" / "task2.safetensors")
@@ -289,19 +295,25 @@ def test_resume_restores_the_methods_own_state(cache, tmp_path, monkeypatch, met
             json.loads((reference / "metrics.json").read_text())["task_id_accuracy"]
 
 
+def a_run(cfg, tasks=None) -> ts.Run:
+    """A Run around the model of cfg, as setup builds it, without a run directory or a method."""
+    bundle = ts.load_model(cfg, torch.device("cpu"))
+    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
+    return ts.Run(cfg, RunDir(cfg.out), 0, 1, torch.device("cpu"), tasks or ts.load_tasks(cfg), bundle, bundle.model,
+                  collate, None, {})
+
+
 def test_importance_pass_counts_each_real_token_once(cache):
     # planted bug: the importance pass without the token mask (padding tokens counted); the
     # reference feeds one item at a time, so there is no padding to get wrong
     from pasmoe import pas_layers, track_importance
 
-    cpu = torch.device("cpu")
-    cfg = learn(cache, None)
-    bundle = ts.load_model(cfg, cpu)
-    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
-    fomc = ts.load_tasks(cfg)[0]
+    run = a_run(learn(cache, None))
+    bundle, collate = run.bundle, run.collate
+    fomc = run.tasks[0]
     fomc = data.Task(fomc.key, fomc.train[:16], fomc.test)
     layers = pas_layers(bundle.model).values()
-    ts.importance_pass(cfg, fomc, bundle, collate, cpu, 0, 1)  # batches of 8, padded
+    ts.importance_pass(run, fomc)  # batches of 8, padded
     batched = [(layer.task_importance_sum.clone(), layer.task_tokens.item()) for layer in layers]
     for layer in layers:
         layer.task_importance_sum.zero_()
@@ -318,13 +330,11 @@ def test_importance_pass_counts_each_real_token_once(cache):
 @pytest.mark.parametrize("which", ["text", "answer"])
 def test_importance_tokens_option_counts_what_it_says(cache, which):
     # planted bugs: "text" still counting image tokens, "answer" counting the prompt
-    cpu = torch.device("cpu")
-    cfg = learn(cache, None, "--importance-tokens", which)
-    bundle = ts.load_model(cfg, cpu)
-    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
-    art = ts.load_tasks(cfg)[1]  # image task
+    run = a_run(learn(cache, None, "--importance-tokens", which))
+    bundle, collate = run.bundle, run.collate
+    art = run.tasks[1]  # image task
     art = data.Task(art.key, art.train[:8], art.test)
-    ts.importance_pass(cfg, art, bundle, collate, cpu, 0, 1)
+    ts.importance_pass(run, art)
     batch = collate.train(art.train)
     attended = batch["attention_mask"].bool()
     expected = {"text": attended & (batch["input_ids"] != bundle.model.config.image_token_index),
@@ -346,7 +356,9 @@ def test_data_parallel_does_not_broadcast_buffers(monkeypatch):
     try:
         model = torch.nn.Sequential(torch.nn.Linear(4, 4))
         inject(model, PASsConfig(num_experts=2, rank=2), target=r"^0$")
-        ddp = ts.data_parallel(model, torch.device("cpu"))
+        from engine.processes import data_parallel
+
+        ddp = data_parallel(model, torch.device("cpu"))
         assert ddp.broadcast_buffers is False and getattr(ddp, "forward_sync_buffers", False) is False
     finally:
         dist.destroy_process_group()
@@ -408,13 +420,12 @@ def test_l2p_prompts_reach_generation_in_prefill_and_every_decode_step(cache):
     # planted bugs: prompts skipped when generating (the benchmark's L2P.py, whose answers are then
     # the frozen base's), or seen by the first step only; each step's scores must equal a forward
     # of the whole sequence with the prompts in front, and differ from the scores without them
-    import llava_wrap
-
     cfg = learn(cache, None, "--method", "l2p")
     bundle = ts.load_model(cfg, torch.device("cpu"))
     collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
     tasks = ts.load_tasks(cfg)
-    method = ts.METHODS["l2p"][1](cfg, bundle.model, tasks, *ts.method_passes(cfg, bundle, collate, torch.device("cpu")))
+    passes = llava_wrap.passes(bundle, collate, torch.device("cpu"), 8, contextlib.nullcontext)
+    method = ts.METHODS["l2p"].cls(cfg, bundle.model, tasks, *passes)
     batch = collate.prompts(tasks[0].test[:1])
 
     def scores():

@@ -1,11 +1,12 @@
 """Speed and memory, as ratios against baselines measured in the same run.
 
-    python bench.py                       the layer: CPU, float32, the default shapes
-    python bench.py --device cuda --dtype bfloat16 --shapes 12288x4096x6x128
-    python bench.py --whole-run           whole short streams of moelora, pasmoe, seqlora
-    python bench.py --against DIR         `python train_stream.py` here and in checkout DIR
+    python -m lab.bench                   the layer: CPU, float32, the default shapes
+    python -m lab.bench --device cuda --dtype bfloat16 --shapes 12288x4096x6x128
+    python -m lab.bench --whole-run       whole short streams of moelora, pasmoe, seqlora
+    python -m lab.bench --against DIR     `python train_stream.py` here and in checkout DIR
 
-The layer, on the same frozen nn.Linear and the same tokens, against:
+The layer in its two forms, pasmoe.py's plain autograd ("plain") and pasmoe_fused.py's hand-written
+backward passes ("fused", what training uses), on the same frozen nn.Linear and tokens, against:
     lora      one plain LoRA of the same total rank E*r (the cost PASs-MoE should match)
     loop      MoE-LoRA as commonly written: a Python loop over experts, each expert's
               full-width output B_e A_e h multiplied by its gate (the CoIN pattern)
@@ -36,6 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pasmoe import PASsConfig, PASsMoELinear, track_importance
+from pasmoe_fused import FusedPASsMoELinear
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class PlainLoRA(nn.Module):
@@ -110,10 +114,12 @@ def median_times(fns: dict, repeats: int, device) -> dict:
 def bench_shape(n, d, E, r, device, dtype, repeats):
     torch.manual_seed(0)
     base = nn.Linear(d, d, device=device, dtype=dtype)
-    pas = PASsMoELinear(base, PASsConfig(num_experts=E, rank=r, adapter_dtype=None))  # same dtype as the LoRA
+    cfg = PASsConfig(num_experts=E, rank=r, adapter_dtype=None)  # the same dtype as the LoRA
+    plain, fused = PASsMoELinear(base, cfg), FusedPASsMoELinear(base, cfg)
     with torch.no_grad():
-        pas.lora_B.normal_(std=0.01)
-    layers = {"pas": pas, "lora": PlainLoRA(base, E * r), "loop": LoopMoELoRA(base, E, r)}
+        plain.lora_B.normal_(std=0.01)
+        fused.load_state_dict(plain.state_dict())
+    layers = {"plain": plain, "fused": fused, "lora": PlainLoRA(base, E * r), "loop": LoopMoELoRA(base, E, r)}
     x = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
 
     def step(module):
@@ -130,12 +136,12 @@ def bench_shape(n, d, E, r, device, dtype, repeats):
 
     @torch.no_grad()
     def plain_forward():
-        pas(xs)
+        fused(xs)
 
     @torch.no_grad()
     def tracked_forward():
-        with track_importance(pas, token_mask=mask):
-            pas(xs)
+        with track_importance(fused, token_mask=mask):
+            fused(xs)
 
     fwd = median_times({"plain": plain_forward, "tracked": tracked_forward}, repeats, device)
     return times, mem, fwd["plain"], fwd["tracked"]
@@ -153,7 +159,7 @@ def whole_runs(rounds: int, extra: list[str]) -> dict:
             for m in methods:
                 out = Path(tmp) / f"{m}-{r}"
                 cmd = [sys.executable, "train_stream.py", *SHORT_STREAM, *extra, "--method", m, "--out", str(out)]
-                subprocess.run(cmd, cwd=Path(__file__).parent, check=True, capture_output=True)
+                subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
                 state = json.loads((out / "state.json").read_text())
                 seconds[m]["train"].append(sum(state["train_s"]))
                 seconds[m]["eval"].append(sum(state["eval_s"]))
@@ -162,7 +168,7 @@ def whole_runs(rounds: int, extra: list[str]) -> dict:
 
 def against(other: Path, rounds: int, extra: list[str]) -> dict:
     """Wall seconds of `python train_stream.py` (plus `extra` flags) in this checkout and in `other`, alternated."""
-    here = Path(__file__).parent
+    here = ROOT
     walls = {"here": [], "there": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
@@ -204,15 +210,15 @@ def main(argv=None):
         return
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, {device}, {args.dtype}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print("| N x d x E x r | PASs fwd+bwd ms | LoRA(E*r) ms | loop ms | PASs / LoRA | loop / PASs "
-          "| saved PASs / LoRA | saved loop / PASs | tracking overhead |")
+    print("| N x d x E x r | LoRA(E*r) fwd+bwd ms | plain / LoRA | fused / LoRA | loop / fused "
+          "| saved: plain / LoRA | fused / LoRA | loop / fused | tracking overhead |")
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         n, d, E, r = map(int, shape.split("x"))
         t, m, fwd, fwd_tracked = bench_shape(n, d, E, r, device, dtype, args.repeats)
-        print(f"| {shape} | {1e3 * t['pas']:.2f} | {1e3 * t['lora']:.2f} | {1e3 * t['loop']:.2f} "
-              f"| {t['pas'] / t['lora']:.2f} | {t['loop'] / t['pas']:.2f} | {m['pas'] / m['lora']:.2f} "
-              f"| {m['loop'] / m['pas']:.2f} | {100 * (fwd_tracked / fwd - 1):+.1f}% |")
+        print(f"| {shape} | {1e3 * t['lora']:.2f} | {t['plain'] / t['lora']:.3f} | {t['fused'] / t['lora']:.3f} "
+              f"| {t['loop'] / t['fused']:.2f} | {m['plain'] / m['lora']:.2f} | {m['fused'] / m['lora']:.2f} "
+              f"| {m['loop'] / m['fused']:.1f} | {100 * (fwd_tracked / fwd - 1):+.1f}% |")
 
 
 if __name__ == "__main__":

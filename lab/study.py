@@ -1,9 +1,9 @@
 """The small-scale study: is the sanity stream calibrated, and what does it say about the paper's claims?
 
-    python study.py DIR                          every part below, into DIR/runs, then DIR/results.md
-    python study.py DIR --parts calibration      some parts (the others stay as they are)
-    python study.py DIR --report                 only the tables, verdicts and figures of what has run
-    python study.py DIR --report --docs README.md RESULTS.md LESSON.md   and the tables in these files
+    python -m lab.study DIR                        every part below, into DIR/runs, then DIR/results.md
+    python -m lab.study DIR --parts calibration    some parts (the others stay as they are)
+    python -m lab.study DIR --report               only the tables, verdicts and figures of what has run
+    python -m lab.study DIR --report --docs README.md RESULTS.md LESSON.md   and the tables in these files
 
 Runs are resumable, and several study processes may share DIR (one per core; give each
 OMP_NUM_THREADS=1): a run is claimed by a lock file. Other flags of train_stream.py set the
@@ -15,7 +15,7 @@ any run of the study was looked at):
    order of CALIBRATED_ORDERS, by the fixed criteria of CALIBRATION, in every seed;
 2. the paper's claims (CLAIMS), each a paired comparison over seeds on orders A and B: a seed is
    the same data, order and initialization for both methods. A claim is supported when the 95%
-   interval of the claimed difference (evaluate.paired_difference) excludes 0 in the claimed
+   interval of the claimed difference (lab.stats.paired_difference) excludes 0 in the claimed
    direction, contradicted when it excludes 0 in the other, and not resolved otherwise, with the
    interval's half-width: the smallest difference this study could have resolved;
 3. the other systems of the paper's Table 1, the lambda frontier and the number of experts.
@@ -33,9 +33,13 @@ import statistics
 import sys
 from pathlib import Path
 
+import config
 import evaluate
-import train_stream as ts
-from evaluate import just_trained, load_run, paired_difference
+import train_stream
+from baselines import METHODS
+from evaluate import just_trained, load_run
+from lab import analyses
+from lab.stats import mean_interval, paired_difference
 
 # ---- the plan ----
 
@@ -51,7 +55,7 @@ PLAN = {  # part -> (variants as (method, overrides), number of seeds)
     "calibration": ([(m, {"order": o}) for o in CALIBRATED_ORDERS for m in REFERENCES], 5),
     "claims": ([(m, {"order": o}) for o in ("A", "B") for m in CLAIM_METHODS], 10),
     "baselines": ([(m, {}) for m in OTHER_METHODS], 3),
-    "lambda": ([(m, {"lambda_a": f * ts.RunConfig.lambda_a, "lambda_b": f * ts.RunConfig.lambda_b})
+    "lambda": ([(m, {"lambda_a": f * config.RunConfig.lambda_a, "lambda_b": f * config.RunConfig.lambda_b})
                 for f in LAMBDA_FACTORS for m in WEIGHTINGS], 3),
     "experts": ([(m, {"num_experts": E}) for E in (2, 4, 8) for m in ("moelora", "pasmoe")], 3),  # 6 is in "claims"
     "lesson": ([("replay", {"replay_fraction": f}) for f in (0.02, 0.3)] + [("pasmoe", {"temperature": 0.25})], 3),  # LESSON.md
@@ -89,21 +93,29 @@ CLAIMS = [
 # ---- running it ----
 
 
-def run_name(cfg: ts.RunConfig, overrides: dict) -> str:
+def run_name(cfg: config.RunConfig, overrides: dict) -> str:
     extra = "".join(f"_{k}{v:g}" for k, v in overrides.items() if k not in NAMED)
     return f"{cfg.method}_order{cfg.order}_E{cfg.num_experts}_la{cfg.lambda_a:g}{extra}_s{cfg.seed}"
 
 
-def run_study(base: ts.RunConfig, out_dir: Path, parts: list[str]) -> None:
+def planned(base: config.RunConfig, method: str, seed: int, overrides: dict) -> config.RunConfig:
+    """The config of one planned run: the shared settings, the method with its own flags' defaults, the overrides."""
+    own = METHODS[method].flags
+    method_args = {k: overrides.get(k, f.default) for k, f in own.items()}
+    return dataclasses.replace(base, method=method, seed=seed, method_args=method_args,
+                               **{k: v for k, v in overrides.items() if k not in own})
+
+
+def run_study(base: config.RunConfig, out_dir: Path, parts: list[str]) -> None:
     """Every run of these parts on top of `base`: finished runs are reused, broken ones resumed,
     and a run that another study process holds (its lock file) is left to it, unless that
     process, on this host, is gone."""
-    fields = [f.name for f in dataclasses.fields(ts.RunConfig) if f.name != "out"]
+    fields = [f.name for f in dataclasses.fields(config.RunConfig) if f.name != "out"]
     for part in parts:
         variants, seeds = PLAN[part]
         for method, overrides in variants:
             for seed in range(seeds):
-                cfg = dataclasses.replace(base, method=method, seed=seed, **overrides)
+                cfg = planned(base, method, seed, overrides)
                 name = run_name(cfg, overrides)
                 cfg.out = str(out_dir / "runs" / name)
                 run_dir, lock = Path(cfg.out), out_dir / "runs" / f".{name}.lock"
@@ -120,7 +132,7 @@ def run_study(base: ts.RunConfig, out_dir: Path, parts: list[str]) -> None:
                     continue
                 try:
                     print(f"[{part}] {name}")
-                    ts.run(cfg, resume=run_dir if run_dir.exists() else None)
+                    train_stream.run(cfg, resume=run_dir.exists())
                 finally:
                     lock.unlink()
 
@@ -154,15 +166,17 @@ def _alive(pid: int) -> bool:
 # ---- reading it ----
 
 
-DEFAULTS = {"num_experts": 6, "lambda_a": ts.RunConfig.lambda_a, "replay_fraction": ts.RunConfig.replay_fraction,
-            "temperature": ts.RunConfig.temperature}  # the main comparison's settings
+DEFAULTS = {"num_experts": 6, "lambda_a": config.RunConfig.lambda_a, "replay_fraction": METHODS["replay"].flags["replay_fraction"].default,
+            "temperature": config.RunConfig.temperature}  # the main comparison's settings
 
 
 def select(runs: list[dict], method: str | None = None, **want) -> list[dict]:
-    """Runs of a method (any, if None) whose config has the wanted values, and DEFAULTS otherwise."""
+    """Runs of a method (any, if None) whose config has the wanted values, and DEFAULTS otherwise. A setting
+    that a run's method does not have (replay_fraction, outside replay) counts as its default."""
     want = DEFAULTS | want
     return sorted((r for r in runs if (method is None or r["method"] == method)
-                   and all(r["config"].get(k) == v for k, v in want.items())), key=lambda r: r["config"]["seed"])
+                   and all(r["config"].get(k, DEFAULTS.get(k)) == v for k, v in want.items())),
+                  key=lambda r: r["config"]["seed"])
 
 
 def _value(run: dict, what: str) -> float | None:
@@ -170,7 +184,7 @@ def _value(run: dict, what: str) -> float | None:
     if what in ("ap", "bwt"):
         return run["metrics"][what]
     if "analyses" not in run:  # computed once per run, however many tables ask
-        run["analyses"] = evaluate.analyses(run)
+        run["analyses"] = analyses.analyses(run)
     found = run["analyses"]
     if what == "drift":
         return found["router_drift"]["mean"] if "router_drift" in found else None
@@ -276,7 +290,7 @@ def per_seed(runs: list[dict], methods, order: str, metric: str = "ap") -> str:
     for m in methods:
         values = list(_values(select(runs, m, order=order), metric).values())
         if len(values) > 1:
-            mean, low, high = paired_difference(values, [0.0] * len(values))
+            mean, low, high = mean_interval(values)
             rows.append(f"| {m} | {len(values)} | {_cells(values)} | {mean:.1f} [{low:.1f}, {high:.1f}] |")
         elif values:
             rows.append(f"| {m} | 1 | {values[0]:.1f} | {values[0]:.1f} |")
@@ -306,7 +320,7 @@ def paper_comparison(runs: list[dict]) -> str:
     def interval(values):
         if len(values) < 2:
             return f"{values[0]:.1f}" if values else "-"
-        mean, low, high = paired_difference(values, [0.0] * len(values))
+        mean, low, high = mean_interval(values)
         return f"{mean:.1f} [{low:.1f}, {high:.1f}]"
 
     for method in sorted(by, key=lambda m: statistics.mean(r["metrics"]["ap"] for r in by[m])):
@@ -339,7 +353,7 @@ def lambda_frontier(runs: list[dict]) -> tuple[str, dict]:
         curve = []
         for factor in (0, 1, *LAMBDA_FACTORS):
             rs = select(runs, "pas-rw", order="A") if factor == 0 else select(
-                runs, m, order="A", lambda_a=factor * ts.RunConfig.lambda_a)
+                runs, m, order="A", lambda_a=factor * config.RunConfig.lambda_a)
             if not rs:
                 continue
             bwt, ap = [r["metrics"]["bwt"] for r in rs], [r["metrics"]["ap"] for r in rs]
@@ -375,7 +389,7 @@ def mechanisms(runs: list[dict]) -> str:
         for key, digits in (("drift", 4), ("top10", 1), ("decile", 2), ("decile_B", 2)):
             values = list(_values(rs, key).values()) if m != "pas-rw" or not key.startswith("decile") else []
             if len(values) > 1:
-                mean, low, high = paired_difference(values, [0.0] * len(values))
+                mean, low, high = mean_interval(values)
                 cells.append(f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]")
             else:
                 cells.append("-")
@@ -549,9 +563,9 @@ def main(argv=None) -> None:
     if varied:
         parser.error(f"the study sets {', '.join(varied)} itself (its plan varies them, and its tables select by them)")
     if not args.report:
-        base, resume = ts.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in SHARED.items()] + shared)
-        if resume or base.out or base.method != "pasmoe" or base.seed != 0:
+        if {"--out", "--resume"} & {f.split("=")[0] for f in shared}:
             parser.error("the study chooses each run's --method, --seed and --out itself; --resume does not apply")
+        base, _ = config.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in SHARED.items()] + shared)
         run_study(base, args.dir, args.parts)
     fill_docs(args.docs, report(args.dir))
 

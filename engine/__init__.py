@@ -1,0 +1,9 @@
+"""The machinery under the continual loop, so that train_stream.py reads as the loop alone.
+
+    flags.py       command-line settings: default, help and allowed range in one declaration
+    runs.py        a run directory (config, per-step log, state, checkpoints), written whole or not at all
+    steps.py       the schedule and the optimizer step that every training loop uses; the step log
+    processes.py   torchrun's processes and devices, the one check of torch.distributed
+
+Nothing here knows the method or the model: torch and the standard library only.
+"""
