@@ -67,13 +67,16 @@ class RoutedMoELinear(FusedPASsMoELinear):
     def __init__(self, base: nn.Linear, cfg, index: int = 0, top_k: int | None = None):
         super().__init__(base, cfg, index)
         self.top_k = top_k
-        self.router = nn.Linear(base.in_features, cfg.num_experts, bias=False, device=self.lora_A.device,
-                                dtype=self.lora_A.dtype)
+        self.router = nn.Linear(
+            base.in_features, cfg.num_experts, bias=False, device=self.lora_A.device, dtype=self.lora_A.dtype
+        )
 
     def gate(self, x, z=None):
         logits = F.linear(x, self.router.weight.to(x.dtype)).float()  # (..., e)
         if self.top_k is not None:
-            kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(self.top_k, dim=-1).indices, True)
+            kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(
+                -1, logits.topk(self.top_k, dim=-1).indices, True
+            )
             logits = logits.masked_fill(~kept, -math.inf)
         return torch.softmax(logits / self.cfg.temperature, dim=-1)
 
@@ -107,8 +110,9 @@ class UniformWeights(FusedPASsMoELinear):
     """Eq. 11 with w = 1 once a task has ended: plain L2 to the anchors, no importance (`l2`)."""
 
     def stab_weights(self):
-        return torch.ones_like(self.importance_agg) if self.importance_agg.any() else torch.zeros_like(self.importance_agg)
-
+        return (
+            torch.ones_like(self.importance_agg) if self.importance_agg.any() else torch.zeros_like(self.importance_agg)
+        )
 
 
 class Method:
@@ -275,12 +279,16 @@ class _Consolidation(Method):
         lam = getattr(self.args, self.strength)
         if not self.anchor:  # before the first task ends
             return {"consolidation": torch.zeros((), device=batch["logits"].device)}
-        total = sum((self.importance[n] * (p.float() - self.anchor[n]).square()).sum()
-                    for n, p in adapter_params(self.model).items())
+        total = sum(
+            (self.importance[n] * (p.float() - self.anchor[n]).square()).sum()
+            for n, p in adapter_params(self.model).items()
+        )
         return {"consolidation": lam / 2 * total}
 
     def state_dict(self):
-        return {f"importance.{n}": v for n, v in self.importance.items()} | {f"anchor.{n}": v for n, v in self.anchor.items()}
+        return {f"importance.{n}": v for n, v in self.importance.items()} | {
+            f"anchor.{n}": v for n, v in self.anchor.items()
+        }
 
     def load_state_dict(self, state):
         self.importance = {k.removeprefix("importance."): v for k, v in state.items() if k.startswith("importance.")}
@@ -343,7 +351,9 @@ class LwF(Method):
             return {"distill": torch.zeros((), device=logits.device)}
         inputs = {"inputs_embeds": batch["inputs_embeds"], "attention_mask": batch["attention_mask"]}
         with torch.no_grad():
-            old = torch.func.functional_call(self.model, self.teacher, args=(), kwargs=inputs, strict=False).logits[:, -labels.shape[1]:]
+            old = torch.func.functional_call(self.model, self.teacher, args=(), kwargs=inputs, strict=False).logits[
+                :, -labels.shape[1] :
+            ]
         kl = distillation_kl(answer_logits(logits, labels), answer_logits(old, labels), self.args.lwf_temperature)
         return {"distill": self.args.lwf_lambda * kl * batch["world"] / batch["n_tokens"]}
 
@@ -373,7 +383,9 @@ class OLoRA(Method):
             raise ValueError("olora slices one plain LoRA: the layers need num_experts=1")
         self.k = rank // len(stream)
         if self.k == 0:
-            raise ValueError(f"olora: a LoRA of rank {rank} cannot give each of {len(stream)} tasks a slice; raise --rank")
+            raise ValueError(
+                f"olora: a LoRA of rank {rank} cannot give each of {len(stream)} tasks a slice; raise --rank"
+            )
         self.hooks = []
 
     def slice(self, t: int) -> slice:
@@ -447,8 +459,12 @@ class L2P(Method):
     def __init__(self, cfg, model, stream, forward=None, features=None):
         super().__init__(cfg, model, stream, forward, features)
         table = model.get_input_embeddings().weight
-        first = {kind: next((ex for task in stream for ex in task.train if (ex.image is not None) == (kind == "image")), None)
-                 for kind in ("image", "text")}
+        first = {
+            kind: next(
+                (ex for task in stream for ex in task.train if (ex.image is not None) == (kind == "image")), None
+            )
+            for kind in ("image", "text")
+        }
         widths = {kind: features([ex])[0][kind].numel() for kind, ex in first.items() if ex is not None}
         g = torch.Generator().manual_seed(cfg.seed)
         pool = PromptPool(self.size, self.length, table.shape[1], widths, table.detach().float().std().item(), g)
@@ -460,7 +476,9 @@ class L2P(Method):
         sims = []
         for f in self.features(examples):
             kind = "image" if f["image"] is not None else "text"
-            sims.append(F.cosine_similarity(self.pool.keys[kind], f[kind].to(self.pool.prompts.device).unsqueeze(0), dim=-1))
+            sims.append(
+                F.cosine_similarity(self.pool.keys[kind], f[kind].to(self.pool.prompts.device).unsqueeze(0), dim=-1)
+            )
         top = torch.stack(sims).topk(self.top_n, dim=-1)
         return top.indices, top.values
 
@@ -468,10 +486,14 @@ class L2P(Method):
         chosen, sims = self.select(batch["examples"])
         self._pull = sims.sum(dim=-1).mean()
         prefix = self.pool.prompts[chosen].flatten(1, 2).to(embeds.dtype)  # (b, N L, d)
-        return torch.cat([prefix, embeds], dim=1), torch.cat([torch.ones(prefix.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1)
+        return torch.cat([prefix, embeds], dim=1), torch.cat(
+            [torch.ones(prefix.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1
+        )
 
     def extra_loss(self, batch):
-        unused = sum(key.sum() for key in self.pool.keys.values())  # the other modality's keys too (times 0): DDP wants every parameter in the graph
+        unused = sum(
+            key.sum() for key in self.pool.keys.values()
+        )  # the other modality's keys too (times 0): DDP wants every parameter in the graph
         return {"pull": -self.pull * self._pull + 0.0 * unused}
 
 
@@ -562,8 +584,15 @@ class HiDe(_TaskExperts):
         w = torch.zeros(len(feats), len(self.stream))
         for i, f in enumerate(feats):
             tasks = self._modality_tasks(f)
-            sims = [sum(F.cosine_similarity(f[kind], self.anchors[f"{s}.{kind}"].to(f[kind].device), dim=0)
-                        for kind in ("image", "text") if f[kind] is not None) / (1 + (f["image"] is not None)) for s in tasks]
+            sims = [
+                sum(
+                    F.cosine_similarity(f[kind], self.anchors[f"{s}.{kind}"].to(f[kind].device), dim=0)
+                    for kind in ("image", "text")
+                    if f[kind] is not None
+                )
+                / (1 + (f["image"] is not None))
+                for s in tasks
+            ]
             w[i, tasks] = torch.softmax(torch.stack(sims).float().cpu() / self.temperature, dim=0)
         return w
 
@@ -575,9 +604,13 @@ class HiDe(_TaskExperts):
         with torch.no_grad():
             for name, layer in self.layers.items():  # lower layers: expert 0 becomes the fusion of the seen ones
                 if name not in self.top:
-                    saved[name] = (layer.lora_A[0].clone(), layer.lora_B[0].clone(), layer.chosen)  # only expert 0 changes
-                    layer.lora_A[0] = layer.lora_A[:self.seen].sum(0)
-                    layer.lora_B[0] = layer.lora_B[:self.seen].sum(0)
+                    saved[name] = (
+                        layer.lora_A[0].clone(),
+                        layer.lora_B[0].clone(),
+                        layer.chosen,
+                    )  # only expert 0 changes
+                    layer.lora_A[0] = layer.lora_A[: self.seen].sum(0)
+                    layer.lora_B[0] = layer.lora_B[: self.seen].sum(0)
                     layer.chosen = F.one_hot(torch.tensor(0), len(self.stream)).float()
                 else:
                     saved[name] = (None, None, layer.chosen)
@@ -611,8 +644,8 @@ class DDAS(_TaskExperts):
     expert) when that error is above the autoencoder's threshold. The original's threshold (0.0655)
     belongs to AlexNet features; here each autoencoder is fitted on nine tenths of its task's
     training items, and its threshold is the mean plus three standard deviations of its errors on
-    the tenth it did not see (training data only). Each task expert is one LoRA (the original's is a mixture of adapters with a
-    router per task). Decided per input (the original decides per batch)."""
+    the tenth it did not see (training data only). Each task expert is one LoRA (the original's is a
+    mixture of adapters with a router per task). Decided per input (the original decides per batch)."""
 
     code, iterations, batch, lr, weight_decay = 100, 300, 64, 0.01, 1e-4  # the original's AutoEncoder.py
 
@@ -634,7 +667,9 @@ class DDAS(_TaskExperts):
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + t)
         with torch.random.fork_rng(devices=[]):  # the autoencoder lives on the CPU
             torch.manual_seed(self.cfg.seed * 1000 + t)
-            ae = nn.Sequential(nn.Linear(x.shape[1], self.code), nn.ReLU(), nn.Linear(self.code, x.shape[1]), nn.Sigmoid())
+            ae = nn.Sequential(
+                nn.Linear(x.shape[1], self.code), nn.ReLU(), nn.Linear(self.code, x.shape[1]), nn.Sigmoid()
+            )
         opt = torch.optim.Adam(ae.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         per_epoch = math.ceil(len(x) / self.batch)
         for step in range(self.iterations):  # lr x 0.1 every 10 epochs, as the original's exp_lr_scheduler
@@ -643,13 +678,18 @@ class DDAS(_TaskExperts):
             optimizer_step(opt, list(ae.parameters()), self.lr * 0.1 ** (step // per_epoch // 10), clip_norm=None)
         with torch.no_grad():
             errors = (ae(held_out) - held_out).square().mean(dim=1)
-        self.encoders[t], self.thresholds[t] = ae.eval().requires_grad_(False), (errors.mean() + 3 * errors.std(correction=0)).item()
+        self.encoders[t], self.thresholds[t] = (
+            ae.eval().requires_grad_(False),
+            (errors.mean() + 3 * errors.std(correction=0)).item(),
+        )
 
     def errors(self, feats: list) -> list[dict[int, float]]:
         """Each input's reconstruction error under the autoencoder of each candidate task."""
         with torch.no_grad():
-            return [{s: (self.encoders[s](x := self._input(f)) - x).square().mean().item() for s in self._modality_tasks(f)}
-                    for f in feats]
+            return [
+                {s: (self.encoders[s](x := self._input(f)) - x).square().mean().item() for s in self._modality_tasks(f)}
+                for f in feats
+            ]
 
     def weights(self, feats):
         w = torch.zeros(len(feats), len(self.stream))
@@ -692,25 +732,63 @@ METHODS = {  # the paper's Tables 1, 2 and 7, and the bounds
     "pasmoe-random": Spec(Stabilized, layer=PermutedWeights, layer_args=("seed",), stabilize=True),
     "l2": Spec(Stabilized, layer=UniformWeights, stabilize=True),
     "moelora": Spec(Method, layer=RoutedMoELinear),
-    "moelora-topk": Spec(Method, layer=RoutedMoELinear, layer_args=("top_k",), flags={
-        "top_k": Flag(2, "experts kept per token (no source gives k for the paper's Top-k row; 2 is ours)", min=1)}),
+    "moelora-topk": Spec(
+        Method,
+        layer=RoutedMoELinear,
+        layer_args=("top_k",),
+        flags={
+            "top_k": Flag(2, "experts kept per token (no source gives k for the paper's Top-k row; 2 is ours)", min=1)
+        },
+    ),
     "seqlora": Spec(Method, adapters="one"),  # one plain LoRA of the same total rank
-    "replay": Spec(Replay, adapters="one", flags={"replay_fraction": Flag(
-        0.1, "share of each finished task's training items kept and mixed into later tasks (ours; the paper gives none)",
-        above=0, max=1)}),
+    "replay": Spec(
+        Replay,
+        adapters="one",
+        flags={
+            "replay_fraction": Flag(
+                0.1,
+                "share of each finished task's training items kept and mixed into later tasks (ours; the paper "
+                "gives none)",
+                above=0,
+                max=1,
+            )
+        },
+    ),
     "joint": Spec(Joint, adapters="one"),
-    "ewc": Spec(EWC, adapters="one", flags={
-        "ewc_lambda": Flag(3e7, "lambda of (lambda/2) sum F (theta - theta*)^2 (DESIGN.md 7: how it was set)", min=0),
-        "ewc_gamma": Flag(1.0, GAMMA, min=0, max=1)}),
-    "mas": Spec(MAS, adapters="one", flags={
-        "mas_lambda": Flag(1.0, "lambda of (lambda/2) sum Omega (theta - theta*)^2 (Aljundi et al. 2018)", min=0),
-        "mas_gamma": Flag(1.0, GAMMA.replace("F", "Omega"), min=0, max=1)}),
-    "lwf": Spec(LwF, adapters="one", flags={
-        "lwf_lambda": Flag(1.0, "weight of the distillation term (Li and Hoiem 2016)", min=0),
-        "lwf_temperature": Flag(2.0, "softmax temperature T of the distillation (Li and Hoiem 2016)", above=0)}),
-    "olora": Spec(OLoRA, adapters="one", flags={
-        "olora_lambda1": Flag(0.5, "weight of the orthogonality term (O-LoRA's code)", min=0),
-        "olora_lambda2": Flag(0.0, "weight of the new slice's squared norm (O-LoRA's code)", min=0)}),
+    "ewc": Spec(
+        EWC,
+        adapters="one",
+        flags={
+            "ewc_lambda": Flag(
+                3e7, "lambda of (lambda/2) sum F (theta - theta*)^2 (DESIGN.md 7: how it was set)", min=0
+            ),
+            "ewc_gamma": Flag(1.0, GAMMA, min=0, max=1),
+        },
+    ),
+    "mas": Spec(
+        MAS,
+        adapters="one",
+        flags={
+            "mas_lambda": Flag(1.0, "lambda of (lambda/2) sum Omega (theta - theta*)^2 (Aljundi et al. 2018)", min=0),
+            "mas_gamma": Flag(1.0, GAMMA.replace("F", "Omega"), min=0, max=1),
+        },
+    ),
+    "lwf": Spec(
+        LwF,
+        adapters="one",
+        flags={
+            "lwf_lambda": Flag(1.0, "weight of the distillation term (Li and Hoiem 2016)", min=0),
+            "lwf_temperature": Flag(2.0, "softmax temperature T of the distillation (Li and Hoiem 2016)", above=0),
+        },
+    ),
+    "olora": Spec(
+        OLoRA,
+        adapters="one",
+        flags={
+            "olora_lambda1": Flag(0.5, "weight of the orthogonality term (O-LoRA's code)", min=0),
+            "olora_lambda2": Flag(0.0, "weight of the new slice's squared norm (O-LoRA's code)", min=0),
+        },
+    ),
     "seqft": Spec(SeqFT, adapters=None),
     "l2p": Spec(L2P, adapters=None),
     "hide": Spec(HiDe, adapters="per-task", layer=ChosenExperts),

@@ -22,16 +22,31 @@ from baselines import METHODS
 from engine.flags import Parser, add_flags, dataclass_flags, flag
 from pasmoe import PASsConfig
 
-PAPER_RECIPE = dict(num_experts=6, rank=128, alpha=256.0, lr=2e-5, epochs=3, batch_size=12, max_length=1536,
-                    dtype="bfloat16", seed=42, eval="diag-last", max_new_tokens=512, mixture_scale="paper")
+PAPER_RECIPE = dict(
+    num_experts=6,
+    rank=128,
+    alpha=256.0,
+    lr=2e-5,
+    epochs=3,
+    batch_size=12,
+    max_length=1536,
+    dtype="bfloat16",
+    seed=42,
+    eval="diag-last",
+    max_new_tokens=512,
+    mixture_scale="paper",
+)
 
 
 @dataclass
 class RunConfig:
     # what runs, on what
     method: str = flag("pasmoe", "the method: pasmoe (the paper's) or one of baselines.METHODS", choices=tuple(METHODS))
-    stream: str = flag("sanity", "sanity: seven small tasks built in, offline; ctbench: MLLM-CTBench files",
-                       choices=("sanity", "ctbench"))
+    stream: str = flag(
+        "sanity",
+        "sanity: seven small tasks built in, offline; ctbench: MLLM-CTBench files",
+        choices=("sanity", "ctbench"),
+    )
     data_root: str | None = flag(None, "ctbench: the folder holding reasoning_train/ and reasoning_test/")
     image_root: str | None = flag(None, "ctbench: where the records' image paths start (default: DATA_ROOT/images)")
     model: str = flag("tiny", "tiny (a small LLaVA-1.5 pretrained here, cached) or a LLaVA-1.5 folder or hub name")
@@ -43,15 +58,20 @@ class RunConfig:
     rank: int = flag(4, "rank per expert", min=1)
     total_rank: int | None = flag(None, "instead of --rank: a total rank split over the experts", min=1)
     alpha: float = flag(8.0, "LoRA alpha of one expert at --mixture-scale paper (scaling alpha / rank)", above=0)
-    mixture_scale: str = flag("matched", "matched: each expert at alpha x E, so a uniform gate equals the reference "
-                              "LoRA of rank E x rank; paper: alpha per expert (DESIGN.md 1)", choices=("matched", "paper"))
+    mixture_scale: str = flag(
+        "matched",
+        "matched: each expert at alpha x E, so a uniform gate equals the reference "
+        "LoRA of rank E x rank; paper: alpha per expert (DESIGN.md 1)",
+        choices=("matched", "paper"),
+    )
     dropout: float = flag(0.0, "dropout on the adapters' input", min=0, max=0.99)
     temperature: float = flag(1.0, "tau of the gate's softmax (1: the paper's Eq. 7)", above=0)
     lambda_a: float = flag(5e-4, "Eq. 11, A rows (paper 5.1)", min=0)
     lambda_b: float = flag(5e-5, "Eq. 11, B columns (paper 5.1; its 5.3.2 prefers 2.5e-4)", min=0)
     weight_clip: float = flag(10.0, "c in w = clip(I_agg / mean, 0, c) (the authors' benchmark code)", above=0)
-    importance_tokens: str = flag("all", "Eq. 9's tokens: all attended ones, text (no image tokens) or answer",
-                                  choices=("all", "text", "answer"))
+    importance_tokens: str = flag(
+        "all", "Eq. 9's tokens: all attended ones, text (no image tokens) or answer", choices=("all", "text", "answer")
+    )
     train_projector: bool = flag(False, "also train the vision-language projector (the paper trains adapters only)")
     # training
     lr: float = flag(1.5e-3, "peak learning rate of each task (the sanity stream's calibrated setting)", above=0)
@@ -61,14 +81,19 @@ class RunConfig:
     weight_decay: float = flag(0.0, "AdamW's weight decay", min=0)
     clip_norm: float = flag(1.0, "gradient clipping (global norm)", above=0)
     max_length: int = flag(256, "training sequences are cut at this many tokens (counted and reported)", min=2)
-    dtype: str = flag("float32", "the base's dtype; adapters stay fp32 under bf16 autocast", choices=("float32", "bfloat16"))
+    dtype: str = flag(
+        "float32", "the base's dtype; adapters stay fp32 under bf16 autocast", choices=("float32", "bfloat16")
+    )
     gradient_checkpointing: bool = flag(False, "recompute activations in backward (less memory, more time)")
     # data and evaluation
     n_train: int = flag(320, "sanity: training items per task", min=1)
     n_test: int = flag(192, "sanity: test items per task (a binomial SE of about 3 points at 80%)", min=1)
     limit: int | None = flag(None, "keep the first N training and N test items of each task (a smoke run)", min=1)
-    eval: str = flag("full", "full: every seen task after every task; diag-last: the new one, and all at the end",
-                     choices=("full", "diag-last"))
+    eval: str = flag(
+        "full",
+        "full: every seen task after every task; diag-last: the new one, and all at the end",
+        choices=("full", "diag-last"),
+    )
     eval_batch_size: int = flag(48, "prompts per generation batch", min=1)
     max_new_tokens: int = flag(32, "generation budget per answer", min=1)
     probe_size: int = flag(8, "test items per task whose gates are kept for the router-drift analysis", min=1)
@@ -92,8 +117,17 @@ def adapters(cfg: RunConfig) -> tuple[PASsConfig, object] | None:
     elif spec.adapters == "per-task":  # one expert per task, the same total rank split, scaling alpha / r
         T = len(data.task_order(cfg.order))
         E, r, alpha = T, E * r // T, cfg.alpha / r * (E * r // T)
-    pas = PASsConfig(num_experts=E, rank=r, alpha=alpha, dropout=cfg.dropout, temperature=cfg.temperature,
-                     lambda_a=cfg.lambda_a, lambda_b=cfg.lambda_b, weight_clip=cfg.weight_clip, stabilize=spec.stabilize)
+    pas = PASsConfig(
+        num_experts=E,
+        rank=r,
+        alpha=alpha,
+        dropout=cfg.dropout,
+        temperature=cfg.temperature,
+        lambda_a=cfg.lambda_a,
+        lambda_b=cfg.lambda_b,
+        weight_clip=cfg.weight_clip,
+        stabilize=spec.stabilize,
+    )
     given = cfg.method_args | {"seed": cfg.seed}
     return pas, partial(spec.layer, **{name: given[name] for name in spec.layer_args})
 
@@ -136,8 +170,10 @@ def read_by(cfg: RunConfig) -> dict[str, tuple[bool, str]]:
         **dict.fromkeys(("data_root", "image_root"), (cfg.stream == "ctbench", "--stream ctbench")),
         **dict.fromkeys(("n_train", "n_test"), (cfg.stream == "sanity", "--stream sanity")),
         **dict.fromkeys(("cache_dir", "tiny_pretrain_steps"), (cfg.model == "tiny", "--model tiny")),
-        **dict.fromkeys(("num_experts", "rank", "total_rank", "alpha", "dropout", "importance_tokens", "train_projector"),
-                        (spec.adapters is not None, "a method with adapters (not seqft or l2p)")),
+        **dict.fromkeys(
+            ("num_experts", "rank", "total_rank", "alpha", "dropout", "importance_tokens", "train_projector"),
+            (spec.adapters is not None, "a method with adapters (not seqft or l2p)"),
+        ),
         **dict.fromkeys(("temperature", "mixture_scale", "probe_size"), (spec.adapters == "mixture", mixing)),
         **dict.fromkeys(("lambda_a", "lambda_b", "weight_clip"), (spec.stabilize, stabilized)),
         **{k: (name == cfg.method, f"--method {name}") for name, other in METHODS.items() for k in other.flags},
@@ -148,27 +184,36 @@ def settings_problems(cfg: RunConfig, given: dict, flags: dict) -> list[str]:
     """Every problem with the settings that can be known before anything loads, each naming what to change."""
     spec, dashed = METHODS[cfg.method], lambda k: "--" + k.replace("_", "-")
     problems = [f"{dashed(k)} {v} {why}" for k, v in given.items() if k in flags and (why := flags[k].problem(v))]
-    problems += [f"{dashed(k)} does nothing in this run: it is read by {what}" for k, (read, what) in read_by(cfg).items()
-                 if k in given and not read]
+    problems += [
+        f"{dashed(k)} does nothing in this run: it is read by {what}"
+        for k, (read, what) in read_by(cfg).items()
+        if k in given and not read
+    ]
     try:
         T = len(data.task_order(cfg.order))
     except ValueError as err:
         T = 7
-        problems.append(f"--order {cfg.order}: {err}; A, B, C and D are whole orders, a custom one is task keys "
-                        "joined by commas (e.g. --order numglue,art)")
+        problems.append(
+            f"--order {cfg.order}: {err}; A, B, C and D are whole orders, a custom one is task keys "
+            "joined by commas (e.g. --order numglue,art)"
+        )
     total = cfg.total_rank or cfg.num_experts * cfg.rank
     if "rank" in given and "total_rank" in given:
         problems.append("--rank and --total-rank both given: give one")
     elif cfg.total_rank and cfg.total_rank % cfg.num_experts:
         problems.append(f"--total-rank {cfg.total_rank} does not split over {cfg.num_experts} experts (--num-experts)")
     if cfg.method_args.get("top_k", 0) > cfg.num_experts:
-        problems.append(f"--top-k {cfg.method_args['top_k']} is more than the {cfg.num_experts} experts (--num-experts)")
+        problems.append(
+            f"--top-k {cfg.method_args['top_k']} is more than the {cfg.num_experts} experts (--num-experts)"
+        )
     if spec.adapters == "per-task" and total < T or cfg.method == "olora" and total // T < 1:
         problems.append(f"{cfg.method} gives each of {T} tasks its own ranks: raise --rank (total now {total})")
     if cfg.method == "olora" and cfg.weight_decay:
         problems.append("olora needs --weight-decay 0: AdamW's decay would shrink the frozen slices of old tasks")
     if cfg.stream == "ctbench" and not (cfg.data_root and Path(cfg.data_root).is_dir()):
-        problems.append("--stream ctbench needs --data-root DIR, an existing folder (check it: python data.py check DIR)")
+        problems.append(
+            "--stream ctbench needs --data-root DIR, an existing folder (check it: python data.py check DIR)"
+        )
     if cfg.recipe == "paper" and cfg.model == "tiny":
         problems.append("--recipe paper is LLaVA-1.5-7B's: add --model llava-hf/llava-1.5-7b-hf (or a local copy)")
     if cfg.batch_size % int(os.environ.get("WORLD_SIZE", 1)):
@@ -181,12 +226,12 @@ def settings_problems(cfg: RunConfig, given: dict, flags: dict) -> list[str]:
 def resumed(parser, path: Path, given: dict) -> RunConfig:
     """The saved config of the run in `path`; only --image-root (a path, not a setting) may change."""
     if set(given) - {"image_root"}:
-        parser.error(f"--resume takes the run's saved config (only --image-root may change); drop "
-                     f"{', '.join('--' + k.replace('_', '-') for k in given if k != 'image_root')}")
+        parser.error(
+            f"--resume takes the run's saved config (only --image-root may change); drop "
+            f"{', '.join('--' + k.replace('_', '-') for k in given if k != 'image_root')}"
+        )
     if not (path / "config.json").is_file():
         parser.error(f"--resume {path}: no config.json there (is it a run directory of train_stream.py?)")
     saved = json.loads((path / "config.json").read_text())
     cfg = RunConfig(**{f.name: saved[f.name] for f in dataclasses.fields(RunConfig) if f.name in saved})
     return dataclasses.replace(cfg, out=str(path), image_root=given.get("image_root", cfg.image_root))
-
-

@@ -51,8 +51,12 @@ class Task:
 # Orders C and D are ours, not the paper's: more orders on which the sanity stream's calibration
 # is checked. C interleaves text and image tasks differently from A and B; D was fixed before any
 # run on it as an order that puts no task where A, B or C has it.
-ORDERS = {"A": TASKS, "B": TASKS[::-1], "C": ["OCR", "fomc", "science", "numglue", "medical", "math", "art"],
-          "D": ["fomc", "math", "OCR", "science", "art", "numglue", "medical"]}
+ORDERS = {
+    "A": TASKS,
+    "B": TASKS[::-1],
+    "C": ["OCR", "fomc", "science", "numglue", "medical", "math", "art"],
+    "D": ["fomc", "math", "OCR", "science", "art", "numglue", "medical"],
+}
 
 
 def task_order(order: str) -> list[str]:
@@ -92,8 +96,12 @@ def _parse_record(rec, task: str, path: Path, index: int) -> Example:
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if "conversations" in rec:  # LLaVA format: [{from: human, value}, {from: gpt, value}]
         conv = rec["conversations"]
-        if (not isinstance(conv, list) or len(conv) != 2 or not all(isinstance(c, dict) for c in conv)
-                or [c.get("from") for c in conv] != ["human", "gpt"]):
+        if (
+            not isinstance(conv, list)
+            or len(conv) != 2
+            or not all(isinstance(c, dict) for c in conv)
+            or [c.get("from") for c in conv] != ["human", "gpt"]
+        ):
             raise DataError(f"{where}: 'conversations' must be one human turn then one gpt turn")
         problem, solution = conv[0].get("value"), conv[1].get("value")
         rec_id = rec.get("id", index)
@@ -117,9 +125,11 @@ def read_task_file(path: Path, task: str, image_root: Path) -> list[Example]:
     try:
         records = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found (expected reasoning_train/ and reasoning_test/ under the root)")
+        raise DataError(
+            f"{path}: file not found (expected reasoning_train/ and reasoning_test/ under the root)"
+        ) from None
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})")
+        raise DataError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     examples = [_parse_record(rec, task, Path(path), i) for i, rec in enumerate(records)]
@@ -132,9 +142,14 @@ def read_task_file(path: Path, task: str, image_root: Path) -> list[Example]:
 def load_ctbench(root: str | Path, order: str = "A", image_root: str | Path | None = None) -> list[Task]:
     root = Path(root)
     image_root = Path(image_root) if image_root else default_image_root(root)
-    return [Task(k, read_task_file(root / "reasoning_train" / f"{k}.json", k, image_root),
-                 read_task_file(root / "reasoning_test" / f"{k}.json", k, image_root))
-            for k in task_order(order)]
+    return [
+        Task(
+            k,
+            read_task_file(root / "reasoning_train" / f"{k}.json", k, image_root),
+            read_task_file(root / "reasoning_test" / f"{k}.json", k, image_root),
+        )
+        for k in task_order(order)
+    ]
 
 
 def _decodes(path: str) -> str | None:
@@ -166,17 +181,23 @@ def check_images(examples: list[Example], image_root: Path, data_root: Path | No
             users.setdefault(ex.image, []).append(ex)
     paths = sorted(users)
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        found = list(tqdm(pool.map(_decodes, paths), total=len(paths), desc="decoding every image", leave=False, disable=None))
+        found = list(
+            tqdm(pool.map(_decodes, paths), total=len(paths), desc="decoding every image", leave=False, disable=None)
+        )
     missing = [p for p, why in zip(paths, found) if why == "missing"]
     broken = [(p, why) for p, why in zip(paths, found) if why not in (None, "missing")]
     problems = []
     if missing:
         named = "; ".join(f"{users[p][0].task} item {users[p][0].id}: {p}" for p in missing[:3])
-        problems.append(f"{len(missing)} of {len(paths)} images not found under the image root {image_root} "
-                        f"(e.g. {named}). {_root_hint(missing, image_root, data_root)}")
+        problems.append(
+            f"{len(missing)} of {len(paths)} images not found under the image root {image_root} "
+            f"(e.g. {named}). {_root_hint(missing, image_root, data_root)}"
+        )
     for p, why in broken[:5]:
-        problems.append(f"{users[p][0].task} item {users[p][0].id}: image {p} does not decode ({why}); "
-                        f"re-extract or replace the file")
+        problems.append(
+            f"{users[p][0].task} item {users[p][0].id}: image {p} does not decode ({why}); "
+            f"re-extract or replace the file"
+        )
     if len(broken) > 5:
         problems.append(f"... and {len(broken) - 5} more images that do not decode ({len(broken)} in all)")
     return problems
@@ -192,8 +213,10 @@ def _root_hint(missing: list[str], image_root: Path, data_root: Path | None) -> 
     for root in candidates:
         if rel and root != image_root and all((root / r).is_file() for r in rel):
             return f"They are under {root}: pass --image-root {root}."
-    return ("Image paths in the records are relative to the image root (default: ROOT/images if it exists, "
-            "else ROOT); pass --image-root with the folder the paths start from.")
+    return (
+        "Image paths in the records are relative to the image root (default: ROOT/images if it exists, "
+        "else ROOT); pass --image-root with the folder the paths start from."
+    )
 
 
 def check(root: str | Path, order: str = "A", image_root: str | Path | None = None) -> tuple[list[str], list[Task]]:
@@ -203,8 +226,10 @@ def check(root: str | Path, order: str = "A", image_root: str | Path | None = No
     image_root = Path(image_root) if image_root else default_image_root(root)
     problems, rows, tasks = [], [], []
     if not (root / "reasoning_train").is_dir() and (root / "llava_train").is_dir():
-        problems.append(f"{root}: no reasoning_train/ here, only llava_train/: this loader reads the benchmark's "
-                        "reasoning_train/ and reasoning_test/ (the files llava_train/ is converted from)")
+        problems.append(
+            f"{root}: no reasoning_train/ here, only llava_train/: this loader reads the benchmark's "
+            "reasoning_train/ and reasoning_test/ (the files llava_train/ is converted from)"
+        )
     for split in ("reasoning_train", "reasoning_test"):
         for f in sorted((root / split).glob("*.json")):
             if f.stem not in TASKS:
@@ -277,8 +302,13 @@ class Collator:
         from tqdm import tqdm
 
         todo = [ex for ex in dict.fromkeys(examples) if ex not in self._ids]
-        for i in tqdm(range(0, len(todo), 1024), desc=desc or "tokenizing", leave=False, disable=None if len(todo) > 4096 else True):
-            chunk = todo[i:i + 1024]
+        for i in tqdm(
+            range(0, len(todo), 1024),
+            desc=desc or "tokenizing",
+            leave=False,
+            disable=None if len(todo) > 4096 else True,
+        ):
+            chunk = todo[i : i + 1024]
             prompts = [self.prompt_text(ex) for ex in chunk]
             heads = self.tok(prompts)["input_ids"]
             wholes = self.tok([p + " " + ex.solution for p, ex in zip(prompts, chunk)])["input_ids"]
@@ -292,17 +322,21 @@ class Collator:
         return self._ids[ex]
 
     def _split(self, ex: Example, head: list[int], whole: list[int]) -> tuple[list[int], list[int]]:
-        if whole[:len(head)] != head:
-            raise DataError(f"{ex.task} item {ex.id}: the tokenizer merges the prompt's last token with the "
-                            f"solution's first, so the answer cannot be labelled on its own "
-                            f"({self.tok.convert_ids_to_tokens(whole[len(head) - 1:len(head) + 1])})")
+        if whole[: len(head)] != head:
+            raise DataError(
+                f"{ex.task} item {ex.id}: the tokenizer merges the prompt's last token with the "
+                f"solution's first, so the answer cannot be labelled on its own "
+                f"({self.tok.convert_ids_to_tokens(whole[len(head) - 1 : len(head) + 1])})"
+            )
         if head.count(self.image_id) != (ex.image is not None):
-            raise DataError(f"{ex.task} item {ex.id}: the prompt holds {head.count(self.image_id)} <image> tokens "
-                            f"for {int(ex.image is not None)} image")
-        answer = whole[len(head):] + [self.tok.eos_token_id]
+            raise DataError(
+                f"{ex.task} item {ex.id}: the prompt holds {head.count(self.image_id)} <image> tokens "
+                f"for {int(ex.image is not None)} image"
+            )
+        answer = whole[len(head) :] + [self.tok.eos_token_id]
         if ex.image is not None:
             at = head.index(self.image_id)
-            head = head[:at] + [self.image_id] * self.num_image_tokens + head[at + 1:]
+            head = head[:at] + [self.image_id] * self.num_image_tokens + head[at + 1 :]
         return head, answer
 
     def length(self, ex: Example) -> tuple[int, int]:
@@ -315,7 +349,7 @@ class Collator:
         rows = []
         for ex in examples:
             prompt, answer = self.encode(ex)
-            rows.append(((prompt + answer)[:self.max_length], ([IGNORE] * len(prompt) + answer)[:self.max_length]))
+            rows.append(((prompt + answer)[: self.max_length], ([IGNORE] * len(prompt) + answer)[: self.max_length]))
         width = max(len(ids) for ids, _ in rows)
         pad = self.tok.pad_token_id
         batch = {
@@ -353,7 +387,9 @@ class Collator:
         return batch | {"examples": list(examples)}
 
 
-def length_problems(tasks: list[Task], collate: Collator, max_length: int, context: int, max_new_tokens: int) -> tuple[list[str], dict]:
+def length_problems(
+    tasks: list[Task], collate: Collator, max_length: int, context: int, max_new_tokens: int
+) -> tuple[list[str], dict]:
     """What the lengths of a stream's items mean before anything trains.
 
     Refused (returned as problems, with the flag to change): a training prompt that leaves no
@@ -363,31 +399,47 @@ def length_problems(tasks: list[Task], collate: Collator, max_length: int, conte
     problems, cut = [], {}
     for task in tasks:
         if not task.train or not task.test:
-            problems.append(f"{task.key}: {len(task.train)} training and {len(task.test)} test items; a task needs both "
-                            f"(check its files, or --limit)")
+            problems.append(
+                f"{task.key}: {len(task.train)} training and {len(task.test)} test items; a task needs both "
+                f"(check its files, or --limit)"
+            )
             continue
         collate.encode_all(task.train + task.test, desc=f"tokenizing {task.key}")
         train = [collate.length(ex) for ex in task.train]
         long_prompts = [p for p, _ in train if p >= max_length]
         if long_prompts:
-            problems.append(f"{task.key}: {len(long_prompts)} of {len(train)} training prompts leave no room for an "
-                            f"answer within --max-length {max_length} (the longest prompt has {max(long_prompts)} "
-                            f"tokens, image positions included; the longest item needs --max-length {max(n for _, n in train)})")
+            problems.append(
+                f"{task.key}: {len(long_prompts)} of {len(train)} training prompts leave no room for an "
+                f"answer within --max-length {max_length} (the longest prompt has {max(long_prompts)} "
+                f"tokens, image positions included; the longest item needs --max-length {max(n for _, n in train)})"
+            )
         over = [n for _, n in train if n > max_length]
         if over:
-            cut[task.key] = {"sequences": len(over), "of": len(train), "tokens": sum(n - max_length for n in over),
-                             "longest": max(over)}
+            cut[task.key] = {
+                "sequences": len(over),
+                "of": len(train),
+                "tokens": sum(n - max_length for n in over),
+                "longest": max(over),
+            }
         tests = [collate.length(ex)[0] for ex in task.test]
         if tests and max(tests) + max_new_tokens > context:
             n = sum(p + max_new_tokens > context for p in tests)
-            problems.append(f"{task.key}: {n} of {len(tests)} test prompts plus --max-new-tokens {max_new_tokens} exceed "
-                            f"the model's context of {context} tokens (the longest prompt has {max(tests)}); lower "
-                            f"--max-new-tokens to {context - max(tests)}")
+            problems.append(
+                f"{task.key}: {n} of {len(tests)} test prompts plus --max-new-tokens {max_new_tokens} exceed "
+                f"the model's context of {context} tokens (the longest prompt has {max(tests)}); lower "
+                f"--max-new-tokens to {context - max(tests)}"
+            )
     return problems, cut
 
 
-def check_stream(tasks: list[Task], collate: Collator, max_length: int, context: int, max_new_tokens: int,
-                 image_roots: tuple[Path, Path] | None = None) -> dict:
+def check_stream(
+    tasks: list[Task],
+    collate: Collator,
+    max_length: int,
+    context: int,
+    max_new_tokens: int,
+    image_roots: tuple[Path, Path] | None = None,
+) -> dict:
     """What a run checks before its first step: every image file decodes (image_roots: the image root
     and the data root, for the benchmark's files) and every prompt fits (length_problems). Raises one
     DataError that lists every problem, each naming what to change; returns what max_length cuts."""
@@ -410,8 +462,11 @@ def processor_image_tokens(processor) -> int:
 
 
 def describe_cuts(cut: dict, max_length: int) -> list[str]:
-    return [f"{key}: {c['sequences']} of {c['of']} training sequences are longer than --max-length {max_length} and lose "
-            f"their last tokens ({c['tokens']} tokens in all; the longest has {c['longest']})" for key, c in cut.items()]
+    return [
+        f"{key}: {c['sequences']} of {c['of']} training sequences are longer than --max-length {max_length} and lose "
+        f"their last tokens ({c['tokens']} tokens in all; the longest has {c['longest']})"
+        for key, c in cut.items()
+    ]
 
 
 def _check_lengths(model: str, tasks: list[Task], max_length: int, max_new_tokens: int) -> list[str]:
@@ -421,8 +476,9 @@ def _check_lengths(model: str, tasks: list[Task], max_length: int, max_new_token
     processor = AutoProcessor.from_pretrained(model)
     context = AutoConfig.from_pretrained(model).text_config.max_position_embeddings
     n_image = processor_image_tokens(processor)
-    problems, cut = length_problems(tasks, Collator(processor.tokenizer, n_image, max_length), max_length,
-                                    context, max_new_tokens)
+    problems, cut = length_problems(
+        tasks, Collator(processor.tokenizer, n_image, max_length), max_length, context, max_new_tokens
+    )
     print(f"{model}: {n_image} positions per image, a context of {context} tokens")
     for line in describe_cuts(cut, max_length):
         print("note:", line)
@@ -435,10 +491,29 @@ def main(argv=None) -> None:
     c = sub.add_parser("check", help="validate an MLLM-CTBench directory (non-zero exit on any problem)")
     c.add_argument("root", type=Path, help="directory holding reasoning_train/ and reasoning_test/")
     c.add_argument("--order", default="A", help="A, B, or comma-separated task keys")
-    c.add_argument("--image-root", type=Path, default=None, help="where image paths start (default: ROOT/images if it exists, else ROOT)")
-    c.add_argument("--model", default=None, help="a LLaVA-1.5 checkpoint directory: also check every prompt's length with its tokenizer")
-    c.add_argument("--max-length", type=int, default=1536, help="with --model: the training length limit (default: the paper recipe's)")
-    c.add_argument("--max-new-tokens", type=int, default=512, help="with --model: the generation budget (default: the paper recipe's)")
+    c.add_argument(
+        "--image-root",
+        type=Path,
+        default=None,
+        help="where image paths start (default: ROOT/images if it exists, else ROOT)",
+    )
+    c.add_argument(
+        "--model",
+        default=None,
+        help="a LLaVA-1.5 checkpoint directory: also check every prompt's length with its tokenizer",
+    )
+    c.add_argument(
+        "--max-length",
+        type=int,
+        default=1536,
+        help="with --model: the training length limit (default: the paper recipe's)",
+    )
+    c.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=512,
+        help="with --model: the generation budget (default: the paper recipe's)",
+    )
     args = parser.parse_args(argv)
     problems, tasks = check(args.root, args.order, args.image_root)
     if args.model:

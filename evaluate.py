@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import statistics
-from functools import lru_cache
 from pathlib import Path
 
 # ---- answer extraction and scorers ----
@@ -44,10 +42,14 @@ _VQA_PUNCT = ';/[]"{}()=+\\_-><@`,?!'
 _DIGIT_COMMA = re.compile(r"(\d),(\d)")
 _PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit: "3." -> "3", "3.5" stays
 _ARTICLES = {"a", "an", "the"}
-_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())} | {"none": "0"}
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())} | {
+    "none": "0"
+}
 # The VQA table of contractions written without their apostrophe, as the benchmark applies it:
 # after lowercasing, so only its lowercase entries can match (its "Im", "Ive", "Id've" never do).
-_CONTRACTIONS = dict(pair.split(">") for pair in """
+_CONTRACTIONS = dict(
+    pair.split(">")
+    for pair in """
 aint>ain't arent>aren't cant>can't couldve>could've couldnt>couldn't couldn'tve>couldn't've
 couldnt've>couldn't've didnt>didn't doesnt>doesn't dont>don't hadnt>hadn't hadnt've>hadn't've
 hadn'tve>hadn't've hasnt>hasn't havent>haven't hed>he'd hed've>he'd've he'dve>he'd've hes>he's
@@ -68,7 +70,8 @@ whod've>who'd've who'dve>who'd've wholl>who'll whos>who's whove>who've whyll>why
 whys>why's wont>won't wouldve>would've wouldnt>wouldn't wouldnt've>wouldn't've wouldn'tve>wouldn't've
 yall>y'all yall'll>y'all'll y'allll>y'all'll yall'd've>y'all'd've y'alld've>y'all'd've
 y'all'dve>y'all'd've youd>you'd youd've>you'd've you'dve>you'd've youll>you'll youre>you're youve>you've
-""".split())
+""".split()
+)
 
 
 def extract_answer(text: str) -> str | None:
@@ -83,12 +86,12 @@ def extract_answer(text: str) -> str | None:
     """
     low = text.lower()
     if (i := low.rfind("<answer>")) >= 0:
-        rest = text[i + len("<answer>"):]
+        rest = text[i + len("<answer>") :]
         j = rest.lower().find("</answer>")
         return (rest if j < 0 else rest[:j]).strip()
     for marker in ("</think>", "answer:"):
         if (i := low.rfind(marker)) >= 0:
-            return text[i + len(marker):].strip()
+            return text[i + len(marker) :].strip()
     return None
 
 
@@ -161,8 +164,16 @@ def score_rows(task: str, examples: list, replies: list[str]) -> tuple[float, li
     """(the task's score, one row per test item): question_id, prompt, text (the reply), reference and
     score, the keys the benchmark's re-scoring scripts read."""
     metric = TASK_METRICS[task]
-    rows = [{"question_id": ex.id, "prompt": ex.problem, "text": reply, "reference": ex.solution,
-             "score": score(metric, reply, ex.solution)} for ex, reply in zip(examples, replies)]
+    rows = [
+        {
+            "question_id": ex.id,
+            "prompt": ex.problem,
+            "text": reply,
+            "reference": ex.solution,
+            "score": score(metric, reply, ex.solution),
+        }
+        for ex, reply in zip(examples, replies)
+    ]
     return sum(r["score"] for r in rows) / len(rows), rows
 
 
@@ -181,7 +192,9 @@ def cl_metrics(R: list[list[float | None]]) -> dict:
         raise ValueError(f"R must be a square T x T matrix, got row lengths {[len(row) for row in R]}")
     final = R[-1]
     if any(v is None for v in final):
-        raise ValueError(f"R lacks cells of its last row (tasks {[t for t, v in enumerate(final) if v is None]}): cannot compute AP")
+        raise ValueError(
+            f"R lacks cells of its last row (tasks {[t for t, v in enumerate(final) if v is None]}): cannot compute AP"
+        )
     missing = [t for t in range(T - 1) if R[t][t] is None]
     if missing and len(missing) < T - 1:
         raise ValueError(f"R lacks the diagonal for tasks {missing}: cannot compute BWT")
@@ -220,8 +233,14 @@ def load_run(run_dir: Path) -> dict:
     if (run_dir / "metrics.json").exists():  # timings and truncation counts come from the run
         saved = json.loads((run_dir / "metrics.json").read_text())
         metrics |= {k: saved[k] for k in ("train_s", "eval_s", "truncated", "task_id_accuracy") if k in saved}
-    return {"dir": run_dir, "tasks": matrix["tasks"], "R": matrix["R"], "config": config,
-            "method": config.get("method", run_dir.name), "metrics": metrics}
+    return {
+        "dir": run_dir,
+        "tasks": matrix["tasks"],
+        "R": matrix["R"],
+        "config": config,
+        "method": config.get("method", run_dir.name),
+        "metrics": metrics,
+    }
 
 
 def _pm(values: list[float], digits: int = 2) -> str:
@@ -233,8 +252,25 @@ def _pm(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-_NOT_A_SETTING = {"seed", "out", "versions", "commit", "device", "device_name", "started", "argv", "world_size", "base_info",
-                  "pas_config", "image_root", "data_root", "cache_dir", "cpu", "cpu_capability", "threads"}
+_NOT_A_SETTING = {
+    "seed",
+    "out",
+    "versions",
+    "commit",
+    "device",
+    "device_name",
+    "started",
+    "argv",
+    "world_size",
+    "base_info",
+    "pas_config",
+    "image_root",
+    "data_root",
+    "cache_dir",
+    "cpu",
+    "cpu_capability",
+    "threads",
+}
 # not settings: pas_config follows from the rest; the others are paths or what the machine is
 
 
@@ -305,8 +341,13 @@ def figures(run: dict) -> list[Path]:
         for j, v in enumerate(row):
             if v is not None:  # white on the dark low scores, black on the bright high ones
                 ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8, color="black" if v > 60 else "white")
-    ax.set(xticks=range(len(tasks)), yticks=range(len(tasks)), xlabel="evaluated on", ylabel="after training",
-           title=f"accuracy matrix: {run['method']} (AP {run['metrics']['ap']:.1f})")
+    ax.set(
+        xticks=range(len(tasks)),
+        yticks=range(len(tasks)),
+        xlabel="evaluated on",
+        ylabel="after training",
+        title=f"accuracy matrix: {run['method']} (AP {run['metrics']['ap']:.1f})",
+    )
     ax.set_xticklabels(tasks, rotation=45)
     ax.set_yticklabels(tasks)
     fig.colorbar(image, label="score")
@@ -334,8 +375,12 @@ def _save(fig, path: Path, plt) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories written by train_stream.py")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="report file (default: RUN_DIR/report.md for one run, else report.md beside the runs)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="report file (default: RUN_DIR/report.md for one run, else report.md beside the runs)",
+    )
     args = parser.parse_args(argv)
     runs = [load_run(d) for d in args.runs]
     text = report(runs)
@@ -343,8 +388,11 @@ def main(argv: list[str] | None = None) -> None:
         text = matrix_table(runs[0]) + "\n" + text
         identified = runs[0]["metrics"].get("task_id_accuracy")
         if identified:  # HiDe-LLaVA, DDAS
-            text += "\ntask identification (% of each task's test items given their own task's expert): " + \
-                ", ".join(f"{k} {v:.1f}" for k, v in identified.items()) + "\n"
+            text += (
+                "\ntask identification (% of each task's test items given their own task's expert): "
+                + ", ".join(f"{k} {v:.1f}" for k, v in identified.items())
+                + "\n"
+            )
         try:
             text += "\nfigures: " + ", ".join(str(p) for p in figures(runs[0])) + "\n"
         except ImportError:

@@ -23,10 +23,10 @@ so that the frozen vision tower's features can be computed once per image and ke
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,23 +69,28 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def add_adapters(model: nn.Module, cfg: PASsConfig, layer_class=PASsMoELinear, train_projector: bool = False,
-                 verbose: bool = True) -> list[str]:
+def add_adapters(
+    model: nn.Module, cfg: PASsConfig, layer_class=PASsMoELinear, train_projector: bool = False, verbose: bool = True
+) -> list[str]:
     """Put PASs layers (`layer_class`: pasmoe's or a baseline's variant) on the language model's linear
     layers (inject freezes everything else; the adapters keep cfg.adapter_dtype, fp32 by default, under a
     bf16 base), report counts."""
     names = inject(model, cfg, target=TARGET, layer_class=layer_class)
     n_layers = model.config.text_config.num_hidden_layers
     if len(names) != PER_DECODER_LAYER * n_layers:
-        raise RuntimeError(f"wrapped {len(names)} linear layers, expected {PER_DECODER_LAYER} x {n_layers} "
-                           f"decoder layers: is this a LLaVA-1.5 (Llama) language model?")
+        raise RuntimeError(
+            f"wrapped {len(names)} linear layers, expected {PER_DECODER_LAYER} x {n_layers} "
+            f"decoder layers: is this a LLaVA-1.5 (Llama) language model?"
+        )
     if train_projector:
         model.get_submodule(PROJECTOR).requires_grad_(True)
     if verbose:
         trainable, total = count_parameters(model)
-        print(f"PASs layers: {len(names)} ({PER_DECODER_LAYER} per decoder layer x {n_layers}), {cfg.num_experts} "
-              f"experts of rank {cfg.rank}, scaling alpha / r = {cfg.alpha:g} / {cfg.rank} = {cfg.alpha / cfg.rank:g}; "
-              f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
+        print(
+            f"PASs layers: {len(names)} ({PER_DECODER_LAYER} per decoder layer x {n_layers}), {cfg.num_experts} "
+            f"experts of rank {cfg.rank}, scaling alpha / r = {cfg.alpha:g} / {cfg.rank} = {cfg.alpha / cfg.rank:g}; "
+            f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
+        )
     return names
 
 
@@ -111,14 +116,18 @@ def load_llava(name_or_path: str = "llava-hf/llava-1.5-7b-hf", dtype=torch.bfloa
         processor = AutoProcessor.from_pretrained(name_or_path)
         model = LlavaForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
     except OSError as err:  # no such folder, no network for a hub name, missing files
-        raise ModelError(f"--model {name_or_path}: cannot load it ({str(err).splitlines()[0]}); give a local folder "
-                         "in llava-hf's layout, or a hub name with a network") from err
+        raise ModelError(
+            f"--model {name_or_path}: cannot load it ({str(err).splitlines()[0]}); give a local folder "
+            "in llava-hf's layout, or a hub name with a network"
+        ) from err
     num_image_tokens = image_positions(model.config)
     expanded = data.processor_image_tokens(processor)
     if expanded != num_image_tokens:
-        raise ModelError(f"{name_or_path}: its processor expands <image> into {expanded} positions, but its vision "
-                         f"tower gives {num_image_tokens} features per image (image_size / patch_size and "
-                         f"vision_feature_select_strategy in config.json): the two files do not belong together")
+        raise ModelError(
+            f"{name_or_path}: its processor expands <image> into {expanded} positions, but its vision "
+            f"tower gives {num_image_tokens} features per image (image_size / patch_size and "
+            f"vision_feature_select_strategy in config.json): the two files do not belong together"
+        )
     if device is not None:
         model.to(device)
     tok = processor.tokenizer
@@ -143,12 +152,30 @@ def llava_15_7b_config():
     """The configuration of llava-hf/llava-1.5-7b-hf (CLIP-L/14-336 + Llama-2-7B width)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
-                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    text = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
 
 
 def plan(cfg: PASsConfig | None) -> dict:
@@ -167,12 +194,19 @@ def plan(cfg: PASsConfig | None) -> dict:
         add_adapters(model, cfg, verbose=False)
     trainable, total = count_parameters(model)
     frozen, gib = total - trainable, 2**30
-    found = {"frozen weights (bf16)": 2 * frozen / gib, "trained weights (fp32)": 4 * trainable / gib,
-             "gradients (fp32)": 4 * trainable / gib, "AdamW moments (fp32)": 8 * trainable / gib}
+    found = {
+        "frozen weights (bf16)": 2 * frozen / gib,
+        "trained weights (fp32)": 4 * trainable / gib,
+        "gradients (fp32)": 4 * trainable / gib,
+        "AdamW moments (fp32)": 8 * trainable / gib,
+    }
     if cfg is not None:  # Eq. 11 keeps nothing for backward (pasmoe._WeightedDrift recomputes the drift);
         # its only memory is a transient fp32 difference and its square for one A or B at a time
         largest = max(t.numel() for layer in pas_layers(model).values() for t in (layer.lora_A, layer.lora_B))
-        found |= {"anchors (fp32)": 4 * trainable / gib, "Eq. 11 transient (fp32, one tensor at a time)": 2 * 4 * largest / gib}
+        found |= {
+            "anchors (fp32)": 4 * trainable / gib,
+            "Eq. 11 transient (fp32, one tensor at a time)": 2 * 4 * largest / gib,
+        }
     return {"trainable": trainable, "frozen": frozen, "GiB": found}
 
 
@@ -195,7 +229,9 @@ def cache_vision_features(bundle: LlavaBundle, examples: list) -> str:
         return "vision features: computed at every step (the vision tower trains)"
     if size > FEATURE_CACHE_GIB * 2**30:
         bundle.feature_cache = None
-        return f"vision features: computed at every step (keeping all {len(images):,} would take {size / 2**30:.1f} GiB)"
+        return (
+            f"vision features: computed at every step (keeping all {len(images):,} would take {size / 2**30:.1f} GiB)"
+        )
     bundle.feature_cache = {}
     return f"vision features: computed once per image and kept ({len(images):,} images, {size / 2**20:.1f} MiB)"
 
@@ -216,7 +252,9 @@ def vision_features(bundle: LlavaBundle, examples: list) -> torch.Tensor:
         feats = hidden[config.vision_feature_layer]
         feats = feats[:, 1:] if config.vision_feature_select_strategy == "default" else feats
         if bundle.feature_cache is None:  # nothing kept: these are all of them, in order
-            return feats if len(missing) == len(examples) else torch.stack([feats[missing.index(ex)] for ex in examples])
+            return (
+                feats if len(missing) == len(examples) else torch.stack([feats[missing.index(ex)] for ex in examples])
+            )
         cache.update(zip(missing, feats))
     return torch.stack([cache[ex] for ex in examples])
 
@@ -231,10 +269,14 @@ def embed(bundle: LlavaBundle, batch: dict) -> torch.Tensor:
         feats = model.model.multi_modal_projector(vision_features(bundle, images))
         slots = ids == model.config.image_token_index
         if slots.sum() != feats.shape[0] * feats.shape[1]:
-            raise ValueError(f"{int(slots.sum())} <image> positions for {feats.shape[0]} images of {feats.shape[1]} features")
+            raise ValueError(
+                f"{int(slots.sum())} <image> positions for {feats.shape[0]} images of {feats.shape[1]} features"
+            )
         embeds = embeds.masked_scatter(slots.unsqueeze(-1), feats.to(embeds.dtype))
     elif any(p.requires_grad for p in model.model.multi_modal_projector.parameters()):  # a text-only batch: DDP
-        embeds = embeds + 0.0 * sum(p.sum() for p in model.model.multi_modal_projector.parameters())  # wants it in the graph
+        embeds = embeds + 0.0 * sum(
+            p.sum() for p in model.model.multi_modal_projector.parameters()
+        )  # wants it in the graph
     return embeds
 
 
@@ -242,7 +284,11 @@ def inputs(bundle: LlavaBundle, batch: dict) -> tuple[torch.Tensor, torch.Tensor
     """(input embeddings, attention mask) that the language model is fed: `embed`, then the bundle's
     input_hook if a method set one (L2P prepends prompts: both grow by their length)."""
     embeds = embed(bundle, batch)
-    return (embeds, batch["attention_mask"]) if bundle.input_hook is None else bundle.input_hook(batch, embeds, batch["attention_mask"])
+    return (
+        (embeds, batch["attention_mask"])
+        if bundle.input_hook is None
+        else bundle.input_hook(batch, embeds, batch["attention_mask"])
+    )
 
 
 def to_device(batch: dict, device) -> dict:
@@ -254,7 +300,7 @@ def forward(bundle: LlavaBundle, batch: dict, model: nn.Module | None = None) ->
     """Logits (b, n, vocab) of a data.Collator batch, at its own positions (those of an input_hook's
     prefix dropped). `model`: what to call, if not the bundle's model itself (its DDP wrapper)."""
     embeds, mask = inputs(bundle, batch)
-    return (model or bundle.model)(inputs_embeds=embeds, attention_mask=mask).logits[:, -batch["input_ids"].shape[1]:]
+    return (model or bundle.model)(inputs_embeds=embeds, attention_mask=mask).logits[:, -batch["input_ids"].shape[1] :]
 
 
 @torch.no_grad()
@@ -264,8 +310,15 @@ def generate(bundle: LlavaBundle, batch: dict, max_new_tokens: int = 64) -> list
     was_training = model.training
     model.eval()
     embeds, mask = inputs(bundle, batch)
-    out = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=[model.config.image_token_index],
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    out = model.generate(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        suppress_tokens=[model.config.image_token_index],
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     model.train(was_training)
     return tok.batch_decode(out, skip_special_tokens=True)  # given embeddings, generate returns the new tokens only
 
@@ -290,7 +343,9 @@ def passes(bundle: LlavaBundle, collate: data.Collator, device, batch_size: int,
             images = iter(vision_features(bundle, with_image).float().mean(1) if with_image else ())
             for ex in chunk:
                 ids = torch.tensor(collate.tok(ex.problem, add_special_tokens=False)["input_ids"], device=device)
-                out.append({"image": next(images) if ex.image is not None else None, "text": table(ids).float().mean(0)})
+                out.append(
+                    {"image": next(images) if ex.image is not None else None, "text": table(ids).float().mean(0)}
+                )
         return out
 
     return forward_, features
@@ -300,7 +355,9 @@ def passes(bundle: LlavaBundle, collate: data.Collator, device, batch_size: int,
 def mixture_weights(bundle: LlavaBundle, batch: dict) -> dict[str, torch.Tensor]:
     """Every PASs layer's mixture weights on a batch's real tokens: {layer name: (tokens, E)} (paper Fig. 3)."""
     embeds, attention = inputs(bundle, batch)
-    real = F.pad(batch["attention_mask"].bool(), (embeds.shape[1] - batch["attention_mask"].shape[1], 0))  # a prefix is not
+    real = F.pad(
+        batch["attention_mask"].bool(), (embeds.shape[1] - batch["attention_mask"].shape[1], 0)
+    )  # a prefix is not
     gates = {}
 
     def keep(name, module, args, output):
@@ -325,8 +382,12 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     equal the adapters (end_task), so load_adapters restores them from the adapters (at LLaVA-7B,
     E = 6, r = 128, that is 7 GiB less per checkpoint)."""
     layers = pas_layers(model)
-    state = {f"{name}.{key}": value for name, layer in layers.items() for key, value in layer.state_dict().items()
-             if not key.startswith(("base.", "anchor_"))}
+    state = {
+        f"{name}.{key}": value
+        for name, layer in layers.items()
+        for key, value in layer.state_dict().items()
+        if not key.startswith(("base.", "anchor_"))
+    }
     inside = {id(p) for layer in layers.values() for p in layer.parameters()}
     return state | {name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in inside}
 
@@ -340,8 +401,12 @@ def save_adapters(model: nn.Module, path: str | Path, meta: dict | None = None) 
     """Write adapters + PASs config as safetensors, atomically (temp file, then rename)."""
     layers = pas_layers(model)
     cfg = asdict(next(iter(layers.values())).cfg) if layers else None  # None: a method without adapters
-    header = {"pas_config": json.dumps(cfg), "targets": json.dumps(sorted(layers)),
-              "base": _base_fingerprint(model), "meta": json.dumps(meta or {})}
+    header = {
+        "pas_config": json.dumps(cfg),
+        "targets": json.dumps(sorted(layers)),
+        "base": _base_fingerprint(model),
+        "meta": json.dumps(meta or {}),
+    }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_tensors(adapter_state(model), path, header)
 
@@ -359,8 +424,12 @@ def read_adapter_header(path: str | Path) -> dict:
 
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata()
-    return {"pas_config": json.loads(header["pas_config"]), "targets": json.loads(header["targets"]),
-            "base": header["base"], "meta": json.loads(header["meta"])}
+    return {
+        "pas_config": json.loads(header["pas_config"]),
+        "targets": json.loads(header["targets"]),
+        "base": header["base"],
+        "meta": json.loads(header["meta"]),
+    }
 
 
 def load_adapters(model: nn.Module, path: str | Path) -> dict:
@@ -371,11 +440,16 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict:
     header = read_adapter_header(path)
     layers = pas_layers(model)
     if bool(layers) != (header["pas_config"] is not None):
-        raise ValueError(f"{path}: the file has {'no ' if header['pas_config'] is None else ''}PASs layers and the "
-                         f"model has {'some' if layers else 'none'}: add_adapters with the file's config first, or not at all")
+        raise ValueError(
+            f"{path}: the file has {'no ' if header['pas_config'] is None else ''}PASs layers and the "
+            f"model has {'some' if layers else 'none'}: add_adapters with the file's config first, or not at all"
+        )
     cfg = asdict(next(iter(layers.values())).cfg) if layers else {}
-    diffs = [f"{k}: file {header['pas_config'].get(k)!r} vs model {v!r}" for k, v in cfg.items()
-             if header["pas_config"].get(k) != v]
+    diffs = [
+        f"{k}: file {header['pas_config'].get(k)!r} vs model {v!r}"
+        for k, v in cfg.items()
+        if header["pas_config"].get(k) != v
+    ]
     if sorted(layers) != header["targets"]:
         diffs.append(f"wrapped modules: file has {len(header['targets'])}, model has {len(layers)}")
     if header["base"] != _base_fingerprint(model):
@@ -403,14 +477,21 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Plan memory for PASs adapters on LLaVA-1.5-7B (counted on the meta device).")
+    parser = argparse.ArgumentParser(
+        description="Plan memory for PASs adapters on LLaVA-1.5-7B (counted on the meta device)."
+    )
     parser.add_argument("command", choices=["plan"], help="plan: parameter counts and static memory")
     parser.add_argument("--num-experts", type=int, default=6, help="E (paper: 6)")
     parser.add_argument("--rank", type=int, default=128, help="rank per expert (paper: 128)")
-    parser.add_argument("--full", action="store_true", help="full fine-tuning of the language model and projector (seqft)")
+    parser.add_argument(
+        "--full", action="store_true", help="full fine-tuning of the language model and projector (seqft)"
+    )
     args = parser.parse_args()
-    found = plan(None if args.full else PASsConfig(num_experts=args.num_experts, rank=args.rank,
-                                                   gate="pas" if args.num_experts > 1 else "single"))
+    found = plan(
+        None
+        if args.full
+        else PASsConfig(num_experts=args.num_experts, rank=args.rank, gate="pas" if args.num_experts > 1 else "single")
+    )
     what = "full fine-tuning (seqft)" if args.full else f"E={args.num_experts}, r={args.rank} per expert"
     print(f"{what}: {found['trainable']:,} trainable, {found['frozen']:,} frozen parameters")
     for what, size in found["GiB"].items():

@@ -47,7 +47,6 @@ from engine.steps import StepLog, cosine_lr, optimizer_step
 from pasmoe import end_task, pas_layers, track_importance
 from toy import sanity, tiny_llava
 
-
 # ---- setup ----
 
 
@@ -66,7 +65,9 @@ def load_model(cfg: RunConfig, device: torch.device) -> llava_wrap.LlavaBundle:
     if cfg.model == "tiny":
         if not is_main():
             dist.barrier()  # rank 0 builds an uncached base; the others then load it
-        bundle = tiny_llava.pretrained_tiny(cfg.cache_dir, tiny_llava.TinyConfig(pretrain_steps=cfg.tiny_pretrain_steps))
+        bundle = tiny_llava.pretrained_tiny(
+            cfg.cache_dir, tiny_llava.TinyConfig(pretrain_steps=cfg.tiny_pretrain_steps)
+        )
         if is_main() and dist.is_initialized():
             dist.barrier()
         bundle.model.to(device=device, dtype=dtype)
@@ -76,8 +77,9 @@ def load_model(cfg: RunConfig, device: torch.device) -> llava_wrap.LlavaBundle:
     if (built := adapters(cfg)) is None:  # no adapters: the method unfreezes or adds what it trains
         bundle.model.requires_grad_(False)
     else:
-        llava_wrap.add_adapters(bundle.model, built[0], layer_class=built[1], train_projector=cfg.train_projector,
-                                verbose=is_main())
+        llava_wrap.add_adapters(
+            bundle.model, built[0], layer_class=built[1], train_projector=cfg.train_projector, verbose=is_main()
+        )
     if cfg.gradient_checkpointing:
         bundle.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return bundle
@@ -134,8 +136,12 @@ def check_stream(cfg: RunConfig, tasks, bundle, collate) -> dict | data.DataErro
     try:
         return data.check_stream(tasks, collate, cfg.max_length, context, cfg.max_new_tokens, roots)
     except data.DataError as err:
-        hint = "\n  (--stream ctbench without --recipe paper trains with the sanity stream's --max-length " \
-               f"{cfg.max_length}; --recipe paper sets the paper's, 1536)" if cfg.stream == "ctbench" and not cfg.recipe else ""
+        hint = (
+            "\n  (--stream ctbench without --recipe paper trains with the sanity stream's --max-length "
+            f"{cfg.max_length}; --recipe paper sets the paper's, 1536)"
+            if cfg.stream == "ctbench" and not cfg.recipe
+            else ""
+        )
         return data.DataError(f"{err}{hint}")
 
 
@@ -155,23 +161,35 @@ def open_run(run: Run, resume: bool, kept: str) -> dict:
             run.dir.write_json("config.json", run.dir.config() | {"image_root": cfg.image_root})
     elif is_main():
         built = adapters(cfg)
-        run.dir.create(asdict(cfg) | {"pas_config": asdict(built[0]) if built else None, "base": run.bundle.name,
-                                      "base_info": run.bundle.info, "tasks": [t.key for t in run.tasks],
-                                      "world_size": run.world} | environment(run.device))
+        run.dir.create(
+            asdict(cfg)
+            | {
+                "pas_config": asdict(built[0]) if built else None,
+                "base": run.bundle.name,
+                "base_info": run.bundle.info,
+                "tasks": [t.key for t in run.tasks],
+                "world_size": run.world,
+            }
+            | environment(run.device)
+        )
         state["truncated"] = {k: c["sequences"] for k, c in run.cut.items()}
         trainable = sum(p.numel() for p in run.bundle.model.parameters() if p.requires_grad)
         print(f"{kept}\nrun directory {run.dir.path}; {cfg.method}: {trainable:,} trainable parameters")
     if is_main():
         run.dir.open_log([t.key for t in run.tasks[: state["completed"]]])
-        print(f"{T} tasks, order {cfg.order}: {' -> '.join(t.key for t in run.tasks)}. After each task, the score "
-              f"(0-100) on each task seen so far, in this order:")
+        print(
+            f"{T} tasks, order {cfg.order}: {' -> '.join(t.key for t in run.tasks)}. After each task, the score "
+            f"(0-100) on each task seen so far, in this order:"
+        )
     return state
 
 
 # ---- one task ----
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, n_label_tokens: torch.Tensor | int, world: int) -> torch.Tensor:
+def task_loss(
+    logits: torch.Tensor, labels: torch.Tensor, n_label_tokens: torch.Tensor | int, world: int
+) -> torch.Tensor:
     """Next-token cross entropy summed over answer tokens, over the global count of answer tokens, times
     the world size (DDP averages gradients over ranks): equal to one process on the whole global batch.
     Only the answer positions' logits are cast to fp32 (all of them: 2.4 GB at the 7B recipe's batch)."""
@@ -206,8 +224,17 @@ def train_step(run: Run, chunk: list) -> tuple[torch.Tensor, dict]:
         embeds, mask = llava_wrap.inputs(run.bundle, inputs)  # a method may prepend to both (L2P)
         logits = run.model(inputs_embeds=embeds, attention_mask=mask).logits[:, -labels.shape[1] :]
         loss = task_loss(logits, labels, n_tokens, run.world)
-        extra = run.method.extra_loss(inputs | {"inputs_embeds": embeds, "attention_mask": mask, "labels": labels,
-                                                "logits": logits, "n_tokens": n_tokens, "world": run.world})
+        extra = run.method.extra_loss(
+            inputs
+            | {
+                "inputs_embeds": embeds,
+                "attention_mask": mask,
+                "labels": labels,
+                "logits": logits,
+                "n_tokens": n_tokens,
+                "world": run.world,
+            }
+        )
     (loss + sum(v.to(loss.device) for v in extra.values())).backward()
     return loss.detach(), {k: v.detach() for k, v in extra.items()}
 
@@ -220,11 +247,15 @@ def train_task(run: Run, t: int, examples: list) -> None:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     tail = len(examples) % cfg.batch_size
     if 0 < tail < run.world and is_main():
-        print(f"task {t + 1} ({key}): {tail} examples per epoch skipped (last batch smaller than {run.world} processes)")
+        print(
+            f"task {t + 1} ({key}): {tail} examples per epoch skipped (last batch smaller than {run.world} processes)"
+        )
     total = cfg.epochs * (len(examples) // cfg.batch_size + (tail >= run.world))
     warmup = max(1, round(cfg.warmup_ratio * total))
     run.model.train()
-    bar = tqdm(total=total, desc=f"task {t + 1}/{len(run.tasks)} {key}", disable=None if is_main() else True, leave=False)
+    bar = tqdm(
+        total=total, desc=f"task {t + 1}/{len(run.tasks)} {key}", disable=None if is_main() else True, leave=False
+    )
     log = StepLog(run.dir.log if is_main() else lambda record: None, f"task {t + 1} ({key})", bar)
     step = 0
     for epoch in range(cfg.epochs):
@@ -236,7 +267,9 @@ def train_task(run: Run, t: int, examples: list) -> None:
             shown = loss / run.world  # this rank's share of the global mean
             if run.world > 1:
                 dist.all_reduce(shown)
-            log.add({"task": key, "step": step, "lr": lr}, {"loss": loss + sum(extra.values()), "task_loss": shown, **extra})
+            log.add(
+                {"task": key, "step": step, "lr": lr}, {"loss": loss + sum(extra.values()), "task_loss": shown, **extra}
+            )
             bar.update()
     log.flush()
     bar.close()
@@ -268,8 +301,12 @@ def evaluate_task(run: Run, task: data.Task) -> tuple[float, list[dict]]:
     """Greedy answers on the task's test set, scored with the benchmark's scorer, rows in its order.
     The method may pick the experts of each batch (method.evaluating)."""
     replies = {}
-    for examples in tqdm(run.collate.by_length(task.test, run.cfg.eval_batch_size), desc=f"evaluating {task.key}",
-                         leave=False, disable=None if is_main() else True):
+    for examples in tqdm(
+        run.collate.by_length(task.test, run.cfg.eval_batch_size),
+        desc=f"evaluating {task.key}",
+        leave=False,
+        disable=None if is_main() else True,
+    ):
         with autocast(run.cfg, run.device), run.method.evaluating(examples):
             batch = llava_wrap.to_device(run.collate.prompts(examples), run.device)
             replies |= zip(examples, llava_wrap.generate(run.bundle, batch, run.cfg.max_new_tokens))
@@ -294,7 +331,9 @@ def evaluate_after(run: Run, state: dict, t: int) -> None:
             state["R"][t][j], rows = evaluate_task(run, run.tasks[j])
             with open(run.dir.path / "predictions" / f"after{t + 1}_{run.tasks[j].key}.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
-        for probed, when in ([(task, "after")] if trained else []) + ([(old, "final") for old in run.tasks] if last else []):
+        for probed, when in ([(task, "after")] if trained else []) + (
+            [(old, "final") for old in run.tasks] if last else []
+        ):
             torch.save(probe_gates(run, probed), run.dir.path / "gates" / f"{probed.key}_{when}.pt")
         state["evaluated"] = t + 1
         state["eval_s"].append(round(time.time() - start, 2))
@@ -340,8 +379,9 @@ def finish(run: Run, state: dict) -> None:
     if not is_main():
         return
     run.dir.log_file.close()
-    metrics = evaluate.cl_metrics(state["R"]) | {k: state[k] for k in ("train_s", "eval_s", "truncated", "task_id_accuracy")
-                                                 if k in state}
+    metrics = evaluate.cl_metrics(state["R"]) | {
+        k: state[k] for k in ("train_s", "eval_s", "truncated", "task_id_accuracy") if k in state
+    }
     run.dir.write_json("matrix.json", {"tasks": [t.key for t in run.tasks], "R": state["R"]})
     run.dir.write_json("metrics.json", metrics)
     evaluate.main([str(run.dir.path)])
@@ -362,7 +402,10 @@ def main(argv=None) -> None:
     cfg, resume = parse_args(argv)
     try:
         run(cfg, resume)
-    except (data.DataError, llava_wrap.ModelError) as err:  # the inputs, not the code: told in words, without a traceback
+    except (
+        data.DataError,
+        llava_wrap.ModelError,
+    ) as err:  # the inputs, not the code: told in words, without a traceback
         sys.exit(f"train_stream.py: error: {err}")
     finally:
         if dist.is_initialized():

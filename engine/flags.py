@@ -53,7 +53,9 @@ def dataclass_flags(cls) -> tuple[dict[str, Flag], dict[str, type]]:
     """The Flags of a dataclass's fields (engine.flag), and each field's type (for those whose default is None)."""
     kinds = {"int": int, "float": float, "str": str, "bool": bool}
     fields = [f for f in dataclasses.fields(cls) if "flag" in f.metadata]
-    return {f.name: f.metadata["flag"] for f in fields}, {f.name: kinds[str(f.type).split("|")[0].strip()] for f in fields}
+    return {f.name: f.metadata["flag"] for f in fields}, {
+        f.name: kinds[str(f.type).split("|")[0].strip()] for f in fields
+    }
 
 
 class Parser(argparse.ArgumentParser):

@@ -35,11 +35,12 @@ def init_processes(device: str | None) -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(hours=2),
+            device_id=device if device.type == "cuda" else None,
+        )
     return *rank_world(), device
-
-
 
 
 def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -47,5 +48,7 @@ def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     every rank after end_task, and at LLaVA-7B, E = 6, r = 128, the anchors alone are 7 GiB. (torch 2.13
     names the switch forward_sync_buffers and deprecates broadcast_buffers.)"""
     DDP = torch.nn.parallel.DistributedDataParallel
-    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    no_sync = (
+        "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    )
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})

@@ -8,8 +8,8 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -30,8 +30,9 @@ def git_commit() -> str:
     here = Path(__file__).parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True
+        ).stdout.strip()
         return sha.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -51,7 +52,11 @@ def environment(device: torch.device) -> dict:
     import transformers
 
     return {
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
         "commit": git_commit(),
         "device_name": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "cpu": cpu_name(),
@@ -84,8 +89,14 @@ class RunDir:
         """The saved state, or a fresh one for a stream of `tasks` tasks."""
         if (self.path / "state.json").exists():
             return json.loads((self.path / "state.json").read_text())
-        return {"completed": 0, "evaluated": 0, "R": [[None] * tasks for _ in range(tasks)], "trained": [],
-                "train_s": [], "eval_s": []}
+        return {
+            "completed": 0,
+            "evaluated": 0,
+            "R": [[None] * tasks for _ in range(tasks)],
+            "trained": [],
+            "train_s": [],
+            "eval_s": [],
+        }
 
     def save_state(self, state: dict) -> None:
         atomic_write(self.path / "state.json", json.dumps(state, indent=1))
@@ -112,5 +123,3 @@ def logged_task(line: str) -> str | None:
         return json.loads(line)["task"]
     except json.JSONDecodeError:
         return None
-
-

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -49,10 +49,10 @@ class StepLog:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         for (record, names, _), row, stop in zip(self.pending, rows.tolist(), bad.tolist()):
             if stop:
-                raise FloatingPointError(f"non-finite loss (here {row[0]}) in {self.where} at step {record['step']}: the "
-                                         "last finished task's checkpoint is intact; lower --lr or check the data, then --resume")
+                raise FloatingPointError(
+                    f"non-finite loss (here {row[0]}) in {self.where} at step {record['step']}: the "
+                    "last finished task's checkpoint is intact; lower --lr or check the data, then --resume"
+                )
             self.write(record | dict(zip(names, row)))
         self.bar.set_postfix(loss=f"{rows[-1, 1].item():.3f}")
         self.pending.clear()
-
-

@@ -72,8 +72,11 @@ def importance_stats(run_dir: Path, T: int) -> dict:
         flat = imp.flatten().sort(descending=True).values
         top = max(1, round(0.1 * flat.numel()))
         shares[name] = (flat[:top].sum() / flat.sum()).item()
-    return {"top10_share": sum(shares.values()) / len(shares), "per_layer_top10_share": shares,
-            "maps": {k: v.tolist() for k, v in agg.items()}}
+    return {
+        "top10_share": sum(shares.values()) / len(shares),
+        "per_layer_top10_share": shares,
+        "maps": {k: v.tolist() for k, v in agg.items()},
+    }
 
 
 def update_vs_importance(run_dir: Path, T: int, factor: str = "lora_A") -> dict | None:
@@ -94,8 +97,10 @@ def update_vs_importance(run_dir: Path, T: int, factor: str = "lora_A") -> dict 
     u, imp = torch.cat(updates), torch.cat(importances)
     order = imp.argsort()
     deciles = [u[chunk].mean().item() for chunk in order.chunk(10)]
-    return {"update_by_importance_decile": deciles,
-            "top_over_bottom": deciles[-1] / deciles[0] if deciles[0] else None}  # None: the least important never moved
+    return {
+        "update_by_importance_decile": deciles,
+        "top_over_bottom": deciles[-1] / deciles[0] if deciles[0] else None,
+    }  # None: the least important never moved
 
 
 def analyses(run: dict) -> dict:
@@ -104,9 +109,14 @@ def analyses(run: dict) -> dict:
     out = {}
     drift = router_drift(run_dir, tasks)
     if drift:  # None, or empty for a one-task stream: no old task to drift
-        out["router_drift"] = {"mean": sum(d["mean"] for d in drift.values()) / len(drift),
-                               "per_task": {k: d["mean"] for k, d in drift.items()}, "per_layer": {k: d["per_layer"] for k, d in drift.items()}}
-    if (Path(run_dir) / "ckpt" / f"task{len(tasks)}.safetensors").exists() and _adapter_tensors(run_dir, len(tasks), "importance_agg"):
+        out["router_drift"] = {
+            "mean": sum(d["mean"] for d in drift.values()) / len(drift),
+            "per_task": {k: d["mean"] for k, d in drift.items()},
+            "per_layer": {k: d["per_layer"] for k, d in drift.items()},
+        }
+    if (Path(run_dir) / "ckpt" / f"task{len(tasks)}.safetensors").exists() and _adapter_tensors(
+        run_dir, len(tasks), "importance_agg"
+    ):
         out["importance"] = importance_stats(run_dir, len(tasks))
         updates = update_vs_importance(run_dir, len(tasks)) if len(tasks) > 1 else None
         if updates is not None:
@@ -119,18 +129,26 @@ def analyses_text(found: dict) -> str:
     ratio = lambda r: "-" if r is None else f"{r:.2f}"  # noqa: E731 (None: the least important decile never moved)
     lines = []
     if "router_drift" in found:
-        lines.append(f"router drift (JS, bits, mean over old tasks, layers, tokens): {found['router_drift']['mean']:.4f}")
+        lines.append(
+            f"router drift (JS, bits, mean over old tasks, layers, tokens): {found['router_drift']['mean']:.4f}"
+        )
     if "importance" in found:
-        lines.append(f"importance concentration: top 10% of (expert, rank) directions hold "
-                     f"{100 * found['importance']['top10_share']:.1f}% of I_agg (mean over layers)")
+        lines.append(
+            f"importance concentration: top 10% of (expert, rank) directions hold "
+            f"{100 * found['importance']['top10_share']:.1f}% of I_agg (mean over layers)"
+        )
     if "updates" in found:
         d = found["updates"]["update_by_importance_decile"]
-        lines.append(f"A-row update size, least vs most important decile: {d[0]:.4f} vs {d[-1]:.4f} "
-                     f"(ratio {ratio(found['updates']['top_over_bottom'])})")
+        lines.append(
+            f"A-row update size, least vs most important decile: {d[0]:.4f} vs {d[-1]:.4f} "
+            f"(ratio {ratio(found['updates']['top_over_bottom'])})"
+        )
     if "updates_B" in found:
         d = found["updates_B"]["update_by_importance_decile"]
-        lines.append(f"B-column update size, least vs most important decile: {d[0]:.4f} vs {d[-1]:.4f} "
-                     f"(ratio {ratio(found['updates_B']['top_over_bottom'])})")
+        lines.append(
+            f"B-column update size, least vs most important decile: {d[0]:.4f} vs {d[-1]:.4f} "
+            f"(ratio {ratio(found['updates_B']['top_over_bottom'])})"
+        )
     return "".join(line + "\n" for line in lines)
 
 
@@ -162,8 +180,11 @@ def figures(run: dict, found: dict) -> list[Path]:
     if "updates" in found:
         fig, ax = plt.subplots(figsize=(5, 3))
         ax.bar(range(1, 11), found["updates"]["update_by_importance_decile"])
-        ax.set(xlabel="old-task importance decile (1: least important)", ylabel="mean ||Δa_ek||",
-               title="how far A rows moved in later tasks")
+        ax.set(
+            xlabel="old-task importance decile (1: least important)",
+            ylabel="mean ||Δa_ek||",
+            title="how far A rows moved in later tasks",
+        )
         save(fig, "update_vs_importance.png")
     return made
 
@@ -178,8 +199,12 @@ def importance_map(maps: dict, plt):
         by_layer.setdefault(layer.rsplit(".", 1)[0].rsplit("layers.", 1)[-1], {})[projection] = values
     rows = list(by_layer)[:3] + list(by_layer)[3:][-1:]
     columns = list(next(iter(by_layer.values())))
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=(1.9 * len(columns) + 1, 1.6 * len(rows) + 0.8), squeeze=False)
-    normalized = {(r, c): torch.tensor(by_layer[r][c]) / torch.tensor(by_layer[r][c]).mean() for r in rows for c in columns}
+    fig, axes = plt.subplots(
+        len(rows), len(columns), figsize=(1.9 * len(columns) + 1, 1.6 * len(rows) + 0.8), squeeze=False
+    )
+    normalized = {
+        (r, c): torch.tensor(by_layer[r][c]) / torch.tensor(by_layer[r][c]).mean() for r in rows for c in columns
+    }
     top = max(v.max().item() for v in normalized.values())
     for i, r in enumerate(rows):
         for j, c in enumerate(columns):
@@ -205,8 +230,11 @@ def main(argv: list[str] | None = None) -> None:
             made = figures(run, found)
         except ImportError:
             made = []
-        print(f"{run_dir}:\n" + (analyses_text(found) or "(no PASs layers: nothing to analyse)\n")
-              + ("figures: " + ", ".join(str(p) for p in made) if made else ""))
+        print(
+            f"{run_dir}:\n"
+            + (analyses_text(found) or "(no PASs layers: nothing to analyse)\n")
+            + ("figures: " + ", ".join(str(p) for p in made) if made else "")
+        )
 
 
 if __name__ == "__main__":

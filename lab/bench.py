@@ -69,7 +69,7 @@ class LoopMoELoRA(nn.Module):
         gate = torch.softmax(self.router(x), dim=-1)
         out = self.base(x)
         for e, (A, B) in enumerate(zip(self.A, self.B)):
-            out = out + gate[..., e:e + 1] * B(A(x))
+            out = out + gate[..., e : e + 1] * B(A(x))
         return out
 
 
@@ -127,6 +127,7 @@ def bench_shape(n, d, E, r, device, dtype, repeats):
             module(x).float().sum().backward()
             module.zero_grad(set_to_none=True)
             x.grad = None
+
         return fn
 
     times = median_times({k: step(m) for k, m in layers.items()}, repeats, device)
@@ -173,52 +174,81 @@ def against(other: Path, rounds: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             for name, where in (("there", other), ("here", here)):
-                cmd = [sys.executable, "train_stream.py", *extra, "--out", str(Path(tmp) / f"{name}-{r}"),
-                       "--cache-dir", str(here / "cache")]
+                cmd = [
+                    sys.executable,
+                    "train_stream.py",
+                    *extra,
+                    "--out",
+                    str(Path(tmp) / f"{name}-{r}"),
+                    "--cache-dir",
+                    str(here / "cache"),
+                ]
                 start = time.perf_counter()
-                subprocess.run(cmd, cwd=where, check=True, capture_output=True, env=os.environ | {"PYTHONPATH": str(where)})
+                subprocess.run(
+                    cmd, cwd=where, check=True, capture_output=True, env=os.environ | {"PYTHONPATH": str(where)}
+                )
                 walls[name].append(time.perf_counter() - start)
     return walls
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=["2048x1024x6x16", "2048x256x6x8"],
-                        help="tokens x features x experts x rank-per-expert (d_in = d_out)")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["2048x1024x6x16", "2048x256x6x8"],
+        help="tokens x features x experts x rank-per-expert (d_in = d_out)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=30, help="timed repetitions per measurement (median reported)")
     parser.add_argument("--whole-run", action="store_true", help="time whole short streams of moelora, pasmoe, seqlora")
-    parser.add_argument("--against", type=Path, default=None, help="time the default job here and in this other checkout")
-    parser.add_argument("--rounds", type=int, default=5, help="whole runs: rounds of interleaved runs (medians reported)")
-    parser.add_argument("--run-args", default="", help='whole runs: flags for every train_stream.py run, e.g. "--n-test 48"')
+    parser.add_argument(
+        "--against", type=Path, default=None, help="time the default job here and in this other checkout"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="whole runs: rounds of interleaved runs (medians reported)"
+    )
+    parser.add_argument(
+        "--run-args", default="", help='whole runs: flags for every train_stream.py run, e.g. "--n-test 48"'
+    )
     args = parser.parse_args(argv)
     if args.whole_run:
         found = whole_runs(args.rounds, ["--device", args.device, *args.run_args.split()])
         ref = found["moelora"]
-        print(f"whole short streams ({' '.join(SHORT_STREAM)}), {args.device}, median of {args.rounds} interleaved rounds")
+        print(
+            f"whole short streams ({' '.join(SHORT_STREAM)}), {args.device}, median of {args.rounds} interleaved rounds"
+        )
         print("| method | train s | eval s | train / moelora | eval / moelora |\n|---|---|---|---|---|")
         for m, s in found.items():
-            print(f"| {m} | {s['train']:.1f} | {s['eval']:.1f} | {s['train'] / ref['train']:.3f} | {s['eval'] / ref['eval']:.3f} |")
+            ratios = f"{s['train'] / ref['train']:.3f} | {s['eval'] / ref['eval']:.3f}"
+            print(f"| {m} | {s['train']:.1f} | {s['eval']:.1f} | {ratios} |")
         return
     if args.against:
         walls = against(args.against, args.rounds, args.run_args.split())
         here, there = statistics.median(walls["here"]), statistics.median(walls["there"])
-        print(f"python train_stream.py {args.run_args}, median wall of {args.rounds} alternated runs: {args.against} {there:.1f} s, "
-              f"this checkout {here:.1f} s: {here / there:.2f}x")
+        print(
+            f"python train_stream.py {args.run_args}, median wall of {args.rounds} alternated runs: "
+            f"{args.against} {there:.1f} s, this checkout {here:.1f} s: {here / there:.2f}x"
+        )
         print("all runs (s):", {k: [round(v, 1) for v in vs] for k, vs in walls.items()})
         return
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    print(f"torch {torch.__version__}, {device}, {args.dtype}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print("| N x d x E x r | LoRA(E*r) fwd+bwd ms | plain / LoRA | fused / LoRA | loop / fused "
-          "| saved: plain / LoRA | fused / LoRA | loop / fused | tracking overhead |")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {device}, {args.dtype}, {threads} threads, median of {args.repeats}")
+    print(
+        "| N x d x E x r | LoRA(E*r) fwd+bwd ms | plain / LoRA | fused / LoRA | loop / fused "
+        "| saved: plain / LoRA | fused / LoRA | loop / fused | tracking overhead |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         n, d, E, r = map(int, shape.split("x"))
         t, m, fwd, fwd_tracked = bench_shape(n, d, E, r, device, dtype, args.repeats)
-        print(f"| {shape} | {1e3 * t['lora']:.2f} | {t['plain'] / t['lora']:.3f} | {t['fused'] / t['lora']:.3f} "
-              f"| {t['loop'] / t['fused']:.2f} | {m['plain'] / m['lora']:.2f} | {m['fused'] / m['lora']:.2f} "
-              f"| {m['loop'] / m['fused']:.1f} | {100 * (fwd_tracked / fwd - 1):+.1f}% |")
+        print(
+            f"| {shape} | {1e3 * t['lora']:.2f} | {t['plain'] / t['lora']:.3f} | {t['fused'] / t['lora']:.3f} "
+            f"| {t['loop'] / t['fused']:.2f} | {m['plain'] / m['lora']:.2f} | {m['fused'] / m['lora']:.2f} "
+            f"| {m['loop'] / m['fused']:.1f} | {100 * (fwd_tracked / fwd - 1):+.1f}% |"
+        )
 
 
 if __name__ == "__main__":

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import statistics
-from functools import lru_cache
+from functools import cache
 
 
 def t_pdf(x: float, df: int) -> float:
     """Student's t density with df degrees of freedom."""
-    return math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - (df + 1) / 2 * math.log1p(x * x / df)) / math.sqrt(
-        df * math.pi)
+    return math.exp(
+        math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - (df + 1) / 2 * math.log1p(x * x / df)
+    ) / math.sqrt(df * math.pi)
 
 
 def t_cdf(t: float, df: int, steps: int = 4000) -> float:
@@ -27,7 +28,7 @@ def t_cdf(t: float, df: int, steps: int = 4000) -> float:
     return 0.5 + h / 3 * (t_pdf(0.0, df) + inner + t_pdf(t, df))
 
 
-@lru_cache(maxsize=None)
+@cache
 def t_quantile(p: float, df: int) -> float:
     """The p-quantile of Student's t, p in (0.5, 1): bisection on t_cdf."""
     low, high = 0.0, 100.0

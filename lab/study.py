@@ -55,10 +55,19 @@ PLAN = {  # part -> (variants as (method, overrides), number of seeds)
     "calibration": ([(m, {"order": o}) for o in CALIBRATED_ORDERS for m in REFERENCES], 5),
     "claims": ([(m, {"order": o}) for o in ("A", "B") for m in CLAIM_METHODS], 10),
     "baselines": ([(m, {}) for m in OTHER_METHODS], 3),
-    "lambda": ([(m, {"lambda_a": f * config.RunConfig.lambda_a, "lambda_b": f * config.RunConfig.lambda_b})
-                for f in LAMBDA_FACTORS for m in WEIGHTINGS], 3),
+    "lambda": (
+        [
+            (m, {"lambda_a": f * config.RunConfig.lambda_a, "lambda_b": f * config.RunConfig.lambda_b})
+            for f in LAMBDA_FACTORS
+            for m in WEIGHTINGS
+        ],
+        3,
+    ),
     "experts": ([(m, {"num_experts": E}) for E in (2, 4, 8) for m in ("moelora", "pasmoe")], 3),  # 6 is in "claims"
-    "lesson": ([("replay", {"replay_fraction": f}) for f in (0.02, 0.3)] + [("pasmoe", {"temperature": 0.25})], 3),  # LESSON.md
+    "lesson": (
+        [("replay", {"replay_fraction": f}) for f in (0.02, 0.3)] + [("pasmoe", {"temperature": 0.25})],
+        3,
+    ),  # LESSON.md
 }
 NAMED = ("order", "num_experts", "lambda_a", "lambda_b")  # in every run's name; other overrides are added to it
 
@@ -86,7 +95,13 @@ CLAIMS = [
     ("4", "importance: top-10% share of (expert, rank) directions above uniform (10%)", "top10", "pasmoe", 10.0),
     ("4", "importance: PASs-MoE's top-10% share above MoELoRA's", "top10", "pasmoe", "moelora"),
     ("5", "update of A rows, least / most important decile above 1", "decile_gap", "pasmoe", 0.0),
-    ("5", "most / least important decile ratio: permuted weights' above importance weights'", "decile", "pasmoe-random", "pasmoe"),
+    (
+        "5",
+        "most / least important decile ratio: permuted weights' above importance weights'",
+        "decile",
+        "pasmoe-random",
+        "pasmoe",
+    ),
 ]
 
 
@@ -102,8 +117,9 @@ def planned(base: config.RunConfig, method: str, seed: int, overrides: dict) -> 
     """The config of one planned run: the shared settings, the method with its own flags' defaults, the overrides."""
     own = METHODS[method].flags
     method_args = {k: overrides.get(k, f.default) for k, f in own.items()}
-    return dataclasses.replace(base, method=method, seed=seed, method_args=method_args,
-                               **{k: v for k, v in overrides.items() if k not in own})
+    return dataclasses.replace(
+        base, method=method, seed=seed, method_args=method_args, **{k: v for k, v in overrides.items() if k not in own}
+    )
 
 
 def run_study(base: config.RunConfig, out_dir: Path, parts: list[str]) -> None:
@@ -121,9 +137,15 @@ def run_study(base: config.RunConfig, out_dir: Path, parts: list[str]) -> None:
                 run_dir, lock = Path(cfg.out), out_dir / "runs" / f".{name}.lock"
                 if (run_dir / "config.json").exists():
                     saved = json.loads((run_dir / "config.json").read_text())
-                    differ = [f"{k}: {saved.get(k)!r} vs {getattr(cfg, k)!r}" for k in fields if saved.get(k) != getattr(cfg, k)]
+                    differ = [
+                        f"{k}: {saved.get(k)!r} vs {getattr(cfg, k)!r}"
+                        for k in fields
+                        if saved.get(k) != getattr(cfg, k)
+                    ]
                     if differ:
-                        raise ValueError(f"{run_dir} was made with other settings ({'; '.join(differ)}): use another directory")
+                        raise ValueError(
+                            f"{run_dir} was made with other settings ({'; '.join(differ)}): use another directory"
+                        )
                     if (run_dir / "metrics.json").exists():
                         continue
                 lock.parent.mkdir(parents=True, exist_ok=True)
@@ -166,17 +188,27 @@ def _alive(pid: int) -> bool:
 # ---- reading it ----
 
 
-DEFAULTS = {"num_experts": 6, "lambda_a": config.RunConfig.lambda_a, "replay_fraction": METHODS["replay"].flags["replay_fraction"].default,
-            "temperature": config.RunConfig.temperature}  # the main comparison's settings
+DEFAULTS = {
+    "num_experts": 6,
+    "lambda_a": config.RunConfig.lambda_a,
+    "replay_fraction": METHODS["replay"].flags["replay_fraction"].default,
+    "temperature": config.RunConfig.temperature,
+}  # the main comparison's settings
 
 
 def select(runs: list[dict], method: str | None = None, **want) -> list[dict]:
     """Runs of a method (any, if None) whose config has the wanted values, and DEFAULTS otherwise. A setting
     that a run's method does not have (replay_fraction, outside replay) counts as its default."""
     want = DEFAULTS | want
-    return sorted((r for r in runs if (method is None or r["method"] == method)
-                   and all(r["config"].get(k, DEFAULTS.get(k)) == v for k, v in want.items())),
-                  key=lambda r: r["config"]["seed"])
+    return sorted(
+        (
+            r
+            for r in runs
+            if (method is None or r["method"] == method)
+            and all(r["config"].get(k, DEFAULTS.get(k)) == v for k, v in want.items())
+        ),
+        key=lambda r: r["config"]["seed"],
+    )
 
 
 def _value(run: dict, what: str) -> float | None:
@@ -222,11 +254,17 @@ def _references(runs: list[dict]) -> list[dict]:
 
 def _calibration(runs: list[dict]) -> tuple[str, set[str]]:
     c = CALIBRATION
-    rows = ["| order | method | seeds | AP, each seed | AP mean | BWT, each seed | lowest just-trained |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| order | method | seeds | AP, each seed | AP mean | BWT, each seed | lowest just-trained |",
+        "|---|---|---|---|---|---|---|",
+    ]
     passed = set()
-    checks = [f"| order | every task learned (≥ {c['learned']:g}) | joint AP ≥ {c['joint_ap']:g} | seqlora BWT in "
-              f"[{c['seqlora_bwt'][0]:g}, {c['seqlora_bwt'][1]:g}] | replay AP ≥ seqlora AP + {c['replay_gap']:g}, ranges "
-              f"apart | all |", "|---|---|---|---|---|---|"]
+    checks = [
+        f"| order | every task learned (≥ {c['learned']:g}) | joint AP ≥ {c['joint_ap']:g} | seqlora BWT in "
+        f"[{c['seqlora_bwt'][0]:g}, {c['seqlora_bwt'][1]:g}] | replay AP ≥ seqlora AP + {c['replay_gap']:g}, ranges "
+        f"apart | all |",
+        "|---|---|---|---|---|---|",
+    ]
     for order in sorted({r["config"]["order"] for r in runs if r["method"] in REFERENCES}):
         by = {m: select(runs, m, order=order) for m in REFERENCES}
         ap = {m: [r["metrics"]["ap"] for r in rs] for m, rs in by.items()}
@@ -234,22 +272,36 @@ def _calibration(runs: list[dict]) -> tuple[str, set[str]]:
         for m, rs in by.items():
             bwt = [r["metrics"]["bwt"] for r in rs if r["metrics"]["bwt"] is not None]
             if rs:
-                rows.append(f"| {order} | {m} | {len(rs)} | {_cells(ap[m])} | {statistics.mean(ap[m]):.1f} | "
-                            f"{_cells(bwt) or '-'} | {min(low[m]):.1f} |")
+                rows.append(
+                    f"| {order} | {m} | {len(rs)} | {_cells(ap[m])} | {statistics.mean(ap[m]):.1f} | "
+                    f"{_cells(bwt) or '-'} | {min(low[m]):.1f} |"
+                )
         if not all(by.values()):
-            checks.append(f"| {order} | incomplete: needs runs of {', '.join(m for m in REFERENCES if not by[m])} | | | | |")
+            checks.append(
+                f"| {order} | incomplete: needs runs of {', '.join(m for m in REFERENCES if not by[m])} | | | | |"
+            )
             continue
-        seq_bwt, gap = [r["metrics"]["bwt"] for r in by["seqlora"]], statistics.mean(ap["replay"]) - statistics.mean(ap["seqlora"])
+        seq_bwt, gap = (
+            [r["metrics"]["bwt"] for r in by["seqlora"]],
+            statistics.mean(ap["replay"]) - statistics.mean(ap["seqlora"]),
+        )
         lows = [v for m in REFERENCES for v in low[m]]
         verdicts = [
             (min(lows) >= c["learned"], f"lowest {min(lows):.1f}"),
             (min(ap["joint"]) >= c["joint_ap"], f"lowest {min(ap['joint']):.1f}"),
-            (all(c["seqlora_bwt"][0] <= b <= c["seqlora_bwt"][1] for b in seq_bwt), f"{min(seq_bwt):.1f} to {max(seq_bwt):.1f}"),
-            (gap >= c["replay_gap"] and min(ap["replay"]) > max(ap["seqlora"]),
-             f"+{gap:.1f}, replay lowest {min(ap['replay']):.1f}, seqlora highest {max(ap['seqlora']):.1f}"),
+            (
+                all(c["seqlora_bwt"][0] <= b <= c["seqlora_bwt"][1] for b in seq_bwt),
+                f"{min(seq_bwt):.1f} to {max(seq_bwt):.1f}",
+            ),
+            (
+                gap >= c["replay_gap"] and min(ap["replay"]) > max(ap["seqlora"]),
+                f"+{gap:.1f}, replay lowest {min(ap['replay']):.1f}, seqlora highest {max(ap['seqlora']):.1f}",
+            ),
         ]
         cells = [("yes" if ok else "**NO**") + f" ({why})" for ok, why in verdicts]
-        checks.append(f"| {order} | " + " | ".join(cells) + f" | {'yes' if all(ok for ok, _ in verdicts) else '**NO**'} |")
+        checks.append(
+            f"| {order} | " + " | ".join(cells) + f" | {'yes' if all(ok for ok, _ in verdicts) else '**NO**'} |"
+        )
         if all(ok for ok, _ in verdicts):
             passed.add(order)
     return "\n".join(rows) + "\n\n" + "\n".join(checks) + "\n", passed
@@ -267,20 +319,31 @@ def claims(runs: list[dict], calibrated: set[str] | None = None, planned: int = 
     the verdict, given only on the orders that pass the calibration (`calibrated`: from the runs)
     and only once all `planned` seeds are in (no interval is shown before: no peeking)."""
     calibrated = calibrated_orders(runs) if calibrated is None else calibrated
-    rows = ["| claim | what | order | seeds | a − b, each seed | mean [95% interval] | verdict |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| claim | what | order | seeds | a − b, each seed | mean [95% interval] | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for claim, what, metric, a, b in CLAIMS:
         for order in ("A", "B"):
             va = _values(select(runs, a, order=order), metric)
             vb = _values(select(runs, b, order=order), metric) if isinstance(b, str) else {s: b for s in va}
             seeds = sorted(set(va) & set(vb))
             if len(seeds) < planned:
-                rows.append(f"| {claim} | {what} | {order} | {len(seeds)} | | | waiting ({len(seeds)} of {planned} seeds) |")
+                rows.append(
+                    f"| {claim} | {what} | {order} | {len(seeds)} | | | waiting ({len(seeds)} of {planned} seeds) |"
+                )
                 continue
             mean, low, high = paired_difference([va[s] for s in seeds], [vb[s] for s in seeds])
             digits = 4 if metric == "drift" else 2
-            judged = verdict(mean, low, high, digits) if order in calibrated else f"not judged (order {order} is not calibrated)"
-            rows.append(f"| {claim} | {what} | {order} | {len(seeds)} | {_cells([va[s] - vb[s] for s in seeds], digits)} | "
-                        f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] | {judged} |")
+            judged = (
+                verdict(mean, low, high, digits)
+                if order in calibrated
+                else f"not judged (order {order} is not calibrated)"
+            )
+            rows.append(
+                f"| {claim} | {what} | {order} | {len(seeds)} | {_cells([va[s] - vb[s] for s in seeds], digits)} | "
+                f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] | {judged} |"
+            )
     return "\n".join(rows) + "\n"
 
 
@@ -300,19 +363,31 @@ def per_seed(runs: list[dict], methods, order: str, metric: str = "ap") -> str:
 # The paper's AP and BWT (LLaVA-1.5-7B on MLLM-CTBench, order A), by our method names: Table 1,
 # except pas-rw (Table 2) and pasmoe-random (Table 7). Printed beside ours, never mixed with them.
 PAPER_AP_BWT = {
-    "seqft": ("SeqFT", 36.39, -15.27), "seqlora": ("SeqLoRA", 28.24, -22.09), "replay": ("Replay", 42.05, -8.29),
-    "ewc": ("EWC", 30.19, -20.20), "lwf": ("LwF", 30.20, -19.96), "mas": ("MAS", 30.34, -19.36),
-    "l2p": ("L2P", 31.65, -14.97), "olora": ("O-LoRA", 32.52, -19.46), "hide": ("HiDe-LLaVA", 24.63, -16.16),
-    "ddas": ("DDAS", 37.49, -4.06), "moelora-topk": ("MoELoRA (Top-k)", 32.38, -15.34),
-    "moelora": ("MoELoRA (Softmax)", 43.36, -6.64), "pas-rw": ("+ PASs-RW (Table 2)", 46.31, -4.24),
-    "pasmoe-random": ("random reg. (Table 7)", 45.12, -4.90), "pasmoe": ("Ours", 48.46, -2.15),
+    "seqft": ("SeqFT", 36.39, -15.27),
+    "seqlora": ("SeqLoRA", 28.24, -22.09),
+    "replay": ("Replay", 42.05, -8.29),
+    "ewc": ("EWC", 30.19, -20.20),
+    "lwf": ("LwF", 30.20, -19.96),
+    "mas": ("MAS", 30.34, -19.36),
+    "l2p": ("L2P", 31.65, -14.97),
+    "olora": ("O-LoRA", 32.52, -19.46),
+    "hide": ("HiDe-LLaVA", 24.63, -16.16),
+    "ddas": ("DDAS", 37.49, -4.06),
+    "moelora-topk": ("MoELoRA (Top-k)", 32.38, -15.34),
+    "moelora": ("MoELoRA (Softmax)", 43.36, -6.64),
+    "pas-rw": ("+ PASs-RW (Table 2)", 46.31, -4.24),
+    "pasmoe-random": ("random reg. (Table 7)", 45.12, -4.90),
+    "pasmoe": ("Ours", 48.46, -2.15),
 }
 
 
 def paper_comparison(runs: list[dict]) -> str:
     """Our AP and BWT (mean and 95% interval over seeds) beside the paper's, one row per method,
     sorted by our AP. Different model and data: compare orderings, not values."""
-    rows = ["| method | seeds | our AP | our BWT | paper's row | paper AP | paper BWT |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| method | seeds | our AP | our BWT | paper's row | paper AP | paper BWT |",
+        "|---|---|---|---|---|---|---|",
+    ]
     by = {}
     for r in runs:
         by.setdefault(r["method"], []).append(r)
@@ -335,31 +410,46 @@ def paper_comparison(runs: list[dict]) -> str:
 def task_identification(runs: list[dict]) -> str:
     """For methods that pick an expert by identifying the task (HiDe-LLaVA, DDAS): how often the
     pick is right on each task's test items, per seed (metrics.json, "task_id_accuracy")."""
-    rows = ["| method | seed | " + " | ".join(runs[0]["tasks"]) + " | mean |", "|---|---|" + "---|" * (len(runs[0]["tasks"]) + 1)]
+    rows = [
+        "| method | seed | " + " | ".join(runs[0]["tasks"]) + " | mean |",
+        "|---|---|" + "---|" * (len(runs[0]["tasks"]) + 1),
+    ]
     for r in runs:
         acc = r["metrics"].get("task_id_accuracy")
         if acc:
             cells = [f"{acc[k]:.1f}" if acc.get(k) is not None else "-" for k in r["tasks"]]
-            rows.append(f"| {r['method']} | {r['config']['seed']} | " + " | ".join(cells) + f" | {statistics.mean(acc.values()):.1f} |")
+            rows.append(
+                f"| {r['method']} | {r['config']['seed']} | "
+                + " | ".join(cells)
+                + f" | {statistics.mean(acc.values()):.1f} |"
+            )
     return "\n".join(rows) + "\n" if len(rows) > 2 else ""
 
 
 def lambda_frontier(runs: list[dict]) -> tuple[str, dict]:
     """Per weighting and strength (x the paper's lambdas; 0 is pas-rw): every seed's BWT, and the
     means of BWT, AP and the mean just-trained score (plasticity)."""
-    rows = ["| weighting | λ factor | seeds | BWT, each seed | BWT | AP | mean just-trained |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| weighting | λ factor | seeds | BWT, each seed | BWT | AP | mean just-trained |",
+        "|---|---|---|---|---|---|---|",
+    ]
     curves = {}
     for m in WEIGHTINGS:
         curve = []
         for factor in (0, 1, *LAMBDA_FACTORS):
-            rs = select(runs, "pas-rw", order="A") if factor == 0 else select(
-                runs, m, order="A", lambda_a=factor * config.RunConfig.lambda_a)
+            rs = (
+                select(runs, "pas-rw", order="A")
+                if factor == 0
+                else select(runs, m, order="A", lambda_a=factor * config.RunConfig.lambda_a)
+            )
             if not rs:
                 continue
             bwt, ap = [r["metrics"]["bwt"] for r in rs], [r["metrics"]["ap"] for r in rs]
             plastic = [statistics.mean(just_trained(r["R"])) for r in rs]
-            rows.append(f"| {m} | {factor:g} | {len(rs)} | {_cells(bwt)} | {statistics.mean(bwt):.1f} | "
-                        f"{statistics.mean(ap):.1f} | {statistics.mean(plastic):.1f} |")
+            rows.append(
+                f"| {m} | {factor:g} | {len(rs)} | {_cells(bwt)} | {statistics.mean(bwt):.1f} | "
+                f"{statistics.mean(ap):.1f} | {statistics.mean(plastic):.1f} |"
+            )
             curve.append((factor, statistics.mean(bwt), statistics.mean(ap), statistics.mean(plastic)))
         curves[m] = curve
     return "\n".join(rows) + "\n", curves
@@ -372,15 +462,20 @@ def experts(runs: list[dict]) -> str:
             rs = select(runs, m, order="A", num_experts=E)
             if rs:
                 ap, bwt = [r["metrics"]["ap"] for r in rs], [r["metrics"]["bwt"] for r in rs]
-                rows.append(f"| {E} | {m} | {len(rs)} | {_cells(ap)} | {statistics.mean(ap):.1f} | {statistics.mean(bwt):.1f} |")
+                rows.append(
+                    f"| {E} | {m} | {len(rs)} | {_cells(ap)} | {statistics.mean(ap):.1f} | {statistics.mean(bwt):.1f} |"
+                )
     return "\n".join(rows) + "\n"
 
 
 def mechanisms(runs: list[dict]) -> str:
     """Router drift, importance concentration and update size by importance decile (A rows and
     B columns), per method on order A: mean and 95% interval over seeds."""
-    rows = ["| method | seeds | router drift (JS bits) | top-10% importance share (%) | A rows: most / least important "
-            "decile update | B columns: the same |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| method | seeds | router drift (JS bits) | top-10% importance share (%) | A rows: most / least important "
+        "decile update | B columns: the same |",
+        "|---|---|---|---|---|---|",
+    ]
     for m in CLAIM_METHODS:
         rs = select(runs, m, order="A")
         if not rs:
@@ -402,32 +497,52 @@ def learnability(runs: list[dict], bar: float = 70.0) -> str:
     lines = [f"| task | mean R[t][t] | min | runs below {bar:g} |", "|---|---|---|---|"]
     for t, key in enumerate(runs[0]["tasks"]):
         diag = [just_trained(r["R"])[t] for r in runs]
-        lines.append(f"| {key} | {statistics.mean(diag):.1f} | {min(diag):.1f} | {sum(v < bar for v in diag)} of {len(diag)} |")
+        lines.append(
+            f"| {key} | {statistics.mean(diag):.1f} | {min(diag):.1f} | {sum(v < bar for v in diag)} of {len(diag)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 LESSON_SEEDS = (0, 1, 2)
 LESSON = [  # (exercise, what, method, overrides, quantity): the outcomes LESSON.md quotes
     ("1", "seqlora: lowest score right after a task's training", "seqlora", {}, "lowest_diag"),
-    ("1", "seqlora AP", "seqlora", {}, "ap"), ("1", "seqlora BWT", "seqlora", {}, "bwt"),
-    *[("1", f"seqlora: points of {t} forgotten", "seqlora", {}, f"forgot:{t}") for t in ("numglue", "art", "OCR", "medical")],
+    ("1", "seqlora AP", "seqlora", {}, "ap"),
+    ("1", "seqlora BWT", "seqlora", {}, "bwt"),
+    *[
+        ("1", f"seqlora: points of {t} forgotten", "seqlora", {}, f"forgot:{t}")
+        for t in ("numglue", "art", "OCR", "medical")
+    ],
     ("2", "joint AP", "joint", {}, "ap"),
-    ("3", "replay 0.02 AP", "replay", {"replay_fraction": 0.02}, "ap"), ("3", "replay 0.02 BWT", "replay", {"replay_fraction": 0.02}, "bwt"),
-    ("3", "replay 0.1 AP", "replay", {}, "ap"), ("3", "replay 0.1 BWT", "replay", {}, "bwt"),
-    ("3", "replay 0.3 AP", "replay", {"replay_fraction": 0.3}, "ap"), ("3", "replay 0.3 BWT", "replay", {"replay_fraction": 0.3}, "bwt"),
+    ("3", "replay 0.02 AP", "replay", {"replay_fraction": 0.02}, "ap"),
+    ("3", "replay 0.02 BWT", "replay", {"replay_fraction": 0.02}, "bwt"),
+    ("3", "replay 0.1 AP", "replay", {}, "ap"),
+    ("3", "replay 0.1 BWT", "replay", {}, "bwt"),
+    ("3", "replay 0.3 AP", "replay", {"replay_fraction": 0.3}, "ap"),
+    ("3", "replay 0.3 BWT", "replay", {"replay_fraction": 0.3}, "bwt"),
     ("3", "replay 0.3: points of numglue forgotten", "replay", {"replay_fraction": 0.3}, "forgot:numglue"),
-    ("4", "ewc AP", "ewc", {}, "ap"), ("4", "ewc BWT", "ewc", {}, "bwt"), ("4", "ewc lowest just-trained", "ewc", {}, "lowest_diag"),
+    ("4", "ewc AP", "ewc", {}, "ap"),
+    ("4", "ewc BWT", "ewc", {}, "bwt"),
+    ("4", "ewc lowest just-trained", "ewc", {}, "lowest_diag"),
     ("4", "ewc: fomc right after its training", "ewc", {}, "diag:fomc"),
-    ("4", "mas AP", "mas", {}, "ap"), ("4", "mas BWT", "mas", {}, "bwt"),
-    ("4", "l2 AP", "l2", {}, "ap"), ("4", "l2 BWT", "l2", {}, "bwt"), ("4", "l2 lowest just-trained", "l2", {}, "lowest_diag"),
-    ("5", "router drift, moelora-topk", "moelora-topk", {}, "drift"), ("5", "router drift, moelora", "moelora", {}, "drift"),
-    ("5", "router drift, pas-rw", "pas-rw", {}, "drift"), ("5", "router drift, pasmoe", "pasmoe", {}, "drift"),
+    ("4", "mas AP", "mas", {}, "ap"),
+    ("4", "mas BWT", "mas", {}, "bwt"),
+    ("4", "l2 AP", "l2", {}, "ap"),
+    ("4", "l2 BWT", "l2", {}, "bwt"),
+    ("4", "l2 lowest just-trained", "l2", {}, "lowest_diag"),
+    ("5", "router drift, moelora-topk", "moelora-topk", {}, "drift"),
+    ("5", "router drift, moelora", "moelora", {}, "drift"),
+    ("5", "router drift, pas-rw", "pas-rw", {}, "drift"),
+    ("5", "router drift, pasmoe", "pasmoe", {}, "drift"),
     ("6", "pasmoe top-10% importance share (%)", "pasmoe", {}, "top10"),
     ("6", "A rows most / least important decile, pasmoe", "pasmoe", {}, "decile"),
-    ("6", "the same, pasmoe-random", "pasmoe-random", {}, "decile"), ("6", "the same, l2", "l2", {}, "decile"),
-    ("6", "pasmoe AP", "pasmoe", {}, "ap"), ("6", "pasmoe-random AP", "pasmoe-random", {}, "ap"),
-    ("8", "pasmoe tau 0.25 AP", "pasmoe", {"temperature": 0.25}, "ap"), ("8", "pasmoe tau 0.25 BWT", "pasmoe", {"temperature": 0.25}, "bwt"),
-    ("8", "pasmoe tau 1 AP", "pasmoe", {}, "ap"), ("8", "pasmoe tau 1 BWT", "pasmoe", {}, "bwt"),
+    ("6", "the same, pasmoe-random", "pasmoe-random", {}, "decile"),
+    ("6", "the same, l2", "l2", {}, "decile"),
+    ("6", "pasmoe AP", "pasmoe", {}, "ap"),
+    ("6", "pasmoe-random AP", "pasmoe-random", {}, "ap"),
+    ("8", "pasmoe tau 0.25 AP", "pasmoe", {"temperature": 0.25}, "ap"),
+    ("8", "pasmoe tau 0.25 BWT", "pasmoe", {"temperature": 0.25}, "bwt"),
+    ("8", "pasmoe tau 1 AP", "pasmoe", {}, "ap"),
+    ("8", "pasmoe tau 1 BWT", "pasmoe", {}, "bwt"),
 ]
 
 
@@ -451,8 +566,10 @@ def lesson(runs: list[dict]) -> str:
         values = [v for r in rs if (v := _lesson_value(r, quantity)) is not None]
         if values:
             digits = 3 if quantity == "drift" else 2 if quantity == "decile" else 1
-            rows.append(f"| {exercise} | {what} | {len(values)} | {_cells(values, digits)} | "
-                        f"{min(values):.{digits}f} to {max(values):.{digits}f} |")
+            rows.append(
+                f"| {exercise} | {what} | {len(values)} | {_cells(values, digits)} | "
+                f"{min(values):.{digits}f} to {max(values):.{digits}f} |"
+            )
     return "\n".join(rows) + "\n"
 
 
@@ -472,7 +589,9 @@ def _frontier_figure(study_dir: Path, curves: dict, refs: list[dict]) -> Path:
             rs = [r for r in refs if r["method"] == m]
             if rs:
                 y = [r["metrics"]["ap"] if idx == 2 else statistics.mean(just_trained(r["R"])) for r in rs]
-                ax.scatter([statistics.mean(r["metrics"]["bwt"] for r in rs)], [statistics.mean(y)], marker="s", label=m)
+                ax.scatter(
+                    [statistics.mean(r["metrics"]["bwt"] for r in rs)], [statistics.mean(y)], marker="s", label=m
+                )
         joint = [r["metrics"]["ap"] for r in refs if r["method"] == "joint"]
         if joint and idx == 2:
             ax.axhline(statistics.mean(joint), color="grey", ls="--", lw=1, label="joint (upper bound)")
@@ -500,21 +619,33 @@ def tables(runs: list[dict], study_dir: Path) -> dict[str, tuple[str, str]]:
     except ImportError:
         figure = "(no frontier figure: pip install matplotlib)\n"
     return {
-        "summary": ("", f"Runs: {len(runs)}; commit(s): {', '.join(commits)}; training and evaluation time summed "
-                        f"over the runs: {seconds / 3600:.1f} h of process time.\n"),
+        "summary": (
+            "",
+            f"Runs: {len(runs)}; commit(s): {', '.join(commits)}; training and evaluation time summed "
+            f"over the runs: {seconds / 3600:.1f} h of process time.\n",
+        ),
         "calibration": ("Calibration: the reference methods on every order", calibrated_text),
         "claims": ("The paper's claims: paired differences over seeds, and the verdicts", claims(runs, calibrated)),
         "seeds-A": ("AP of every seed, order A", per_seed(runs, REFERENCES + CLAIM_METHODS + OTHER_METHODS, "A")),
         "seeds-B": ("AP of every seed, order B", per_seed(runs, REFERENCES + CLAIM_METHODS, "B")),
-        "ablation": ("Ablation, order A (the paper's Table 1 layout, mean ± std)", evaluate.report(order_a) if order_a else ""),
-        "paper": ("Beside the paper's numbers (theirs: LLaVA-1.5-7B on MLLM-CTBench; ours: the sanity stream, order A)",
-                  paper_comparison(order_a)),
-        "task-id": ("Task identification by HiDe-LLaVA and DDAS (% of each task's test items given their own task's expert)",
-                    task_identification(identified) if identified else ""),
+        "ablation": (
+            "Ablation, order A (the paper's Table 1 layout, mean ± std)",
+            evaluate.report(order_a) if order_a else "",
+        ),
+        "paper": (
+            "Beside the paper's numbers (theirs: LLaVA-1.5-7B on MLLM-CTBench; ours: the sanity stream, order A)",
+            paper_comparison(order_a),
+        ),
+        "task-id": (
+            "Task identification by HiDe-LLaVA and DDAS (% of each task's test items given their own task's expert)",
+            task_identification(identified) if identified else "",
+        ),
         "mechanisms": ("Mechanisms, order A (paper Fig. 3, 6, 8)", mechanisms(runs)),
         "experts": ("Number of experts, order A (paper Table 3)", experts(runs)),
-        "learnability": ("Learnability: score right after each task's own training, order A",
-                         learnability(order_a) if order_a else ""),
+        "learnability": (
+            "Learnability: score right after each task's own training, order A",
+            learnability(order_a) if order_a else "",
+        ),
         "lesson": ("The outcomes LESSON.md quotes (order A, seeds 0 to 2)", lesson(runs)),
         "lambda": ("λ frontier, order A (paper Fig. 4, widened)", frontier + "\n" + figure),
     }
@@ -545,21 +676,36 @@ def fill_docs(paths: list[Path], found: dict[str, tuple[str, str]]) -> None:
         unknown = sorted({m.group(2) for m in BLOCK.finditer(text)} - set(found))
         if unknown:
             raise ValueError(f"{path}: no study table named {', '.join(unknown)} (there are: {', '.join(found)})")
-        filled, count = BLOCK.subn(lambda m: m.group(1) + (found[m.group(2)][1] or "(no runs yet)\n") + m.group(3), text)
+        filled, count = BLOCK.subn(
+            lambda m: m.group(1) + (found[m.group(2)][1] or "(no runs yet)\n") + m.group(3), text
+        )
         path.write_text(filled)
         print(f"{path}: {count} table(s) filled")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Other flags are train_stream.py's: the settings every run shares.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="Other flags are train_stream.py's: the settings every run shares."
+    )
     parser.add_argument("dir", type=Path, help="the study directory (runs/, results.md, figures/)")
-    parser.add_argument("--parts", nargs="+", default=list(PLAN), choices=list(PLAN), help="parts to run (default: all)")
+    parser.add_argument(
+        "--parts", nargs="+", default=list(PLAN), choices=list(PLAN), help="parts to run (default: all)"
+    )
     parser.add_argument("--report", action="store_true", help="only write the tables and figures of the finished runs")
-    parser.add_argument("--docs", nargs="+", type=Path, default=[], metavar="FILE",
-                        help="also fill each `<!-- study table: NAME -->` block of these files (README.md ...)")
+    parser.add_argument(
+        "--docs",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="also fill each `<!-- study table: NAME -->` block of these files (README.md ...)",
+    )
     args, shared = parser.parse_known_args(argv)
-    varied = [f for f in shared if f.split("=")[0].lstrip("-").replace("-", "_") in {*DEFAULTS, "order", "lambda_b", "method", "seed"}]
+    varied = [
+        f
+        for f in shared
+        if f.split("=")[0].lstrip("-").replace("-", "_") in {*DEFAULTS, "order", "lambda_b", "method", "seed"}
+    ]
     if varied:
         parser.error(f"the study sets {', '.join(varied)} itself (its plan varies them, and its tables select by them)")
     if not args.report:

@@ -27,8 +27,9 @@ def test_readme_snippet_runs(capsys):
 
 
 def toy_model():
-    return nn.ModuleDict({"embed": nn.Embedding(10, 8), "norm": nn.LayerNorm(8),
-                          "q_proj": nn.Linear(8, 8), "head": nn.Linear(8, 10)})
+    return nn.ModuleDict(
+        {"embed": nn.Embedding(10, 8), "norm": nn.LayerNorm(8), "q_proj": nn.Linear(8, 8), "head": nn.Linear(8, 10)}
+    )
 
 
 def test_inject_freezes_all_but_the_adapters():

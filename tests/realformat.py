@@ -9,7 +9,8 @@ make_llava_checkpoint(path, tokenizer="legacy" | "metaspace", seed=0, dtype=torc
     `image_seq_length`, which llava-hf's config.json lacks), generation_config.json, model-0000k-of-0000n
     .safetensors shards + model.safetensors.index.json (bf16 by default, like the 7B's half-precision shards),
     tokenizer.json + tokenizer_config.json (tokenizer_class "LlamaTokenizer", padding_side "left", legacy false,
-    add_bos_token true, as llava-hf's) + special_tokens_map.json + added_tokens.json (no tokenizer.model), preprocessor_config.json (CLIPImageProcessor, 84 px, CLIP mean/std),
+    add_bos_token true, as llava-hf's) + special_tokens_map.json + added_tokens.json (no tokenizer.model),
+    preprocessor_config.json (CLIPImageProcessor, 84 px, CLIP mean/std),
     processor_config.json (patch_size 14, vision_feature_select_strategy "default", num_additional_image_tokens 1)
     and chat_template.json (llava-hf's template, written as llava-hf ships it).
     Vision: CLIP, image 84, patch 14 -> 36 patches (+1 CLS, dropped by "default"), so one <image> becomes 36 tokens.
@@ -117,8 +118,12 @@ _FOMC = (  # (sentence, label)
 _FOMC_OPTIONS = ("dovish", "hawkish", "neutral")
 _ARTISTS = ("Claude Monet", "Vincent van Gogh", "Rembrandt", "Paul Cezanne", "Edgar Degas", "Pablo Picasso")
 _STYLES = ("Impressionism", "Baroque", "Cubism", "Realism", "Romanticism")
-_ART_CUES = ("the thick brush strokes and the light on the water", "the swirling sky and bold yellow tones",
-             "the dark background and the warm light on the faces", "the flat planes and solid shapes")
+_ART_CUES = (
+    "the thick brush strokes and the light on the water",
+    "the swirling sky and bold yellow tones",
+    "the dark background and the warm light on the faces",
+    "the flat planes and solid shapes",
+)
 _OCR = (  # (subtype folder, question, answer)
     ("CROHME", "What is the handwritten formula in the image? Write it in LaTeX.", "x ^ { 2 } + 2 x + 1"),
     ("CROHME", "What is the handwritten formula in the image? Write it in LaTeX.", "\\frac { a } { b } = 3"),
@@ -165,33 +170,57 @@ def _item(task: str, i: int, rng: random.Random) -> tuple[str, str, str, str | N
         a, b = rng.randint(2, 60), rng.randint(2, 40)
         who, other, what = rng.choice(_NAMES), rng.choice(_NAMES), rng.choice(_THINGS)
         if rng.random() < 0.5:
-            return (f"{who} found {a} {what} and {other} gave {who} {b} more. How many {what} does {who} have now?",
-                    f"{who} starts with {a} {what}. {other} adds {b}, so {a} + {b} = {a + b}.", str(a + b), None)
+            return (
+                f"{who} found {a} {what} and {other} gave {who} {b} more. How many {what} does {who} have now?",
+                f"{who} starts with {a} {what}. {other} adds {b}, so {a} + {b} = {a + b}.",
+                str(a + b),
+                None,
+            )
         a, b = max(a, b), min(a, b)
-        return (f"{who} had {a} {what} and gave {b} of them to {other}. How many {what} are left?",
-                f"{who} had {a} and gave away {b}, so {a} - {b} = {a - b}.", str(a - b), None)
+        return (
+            f"{who} had {a} {what} and gave {b} of them to {other}. How many {what} are left?",
+            f"{who} had {a} and gave away {b}, so {a} - {b} = {a - b}.",
+            str(a - b),
+            None,
+        )
     if task == "fomc":
         sentence, label = _FOMC[rng.randrange(len(_FOMC))]
         letter = "ABC"[_FOMC_OPTIONS.index(label)]
-        return (f"Classify the monetary policy stance of this FOMC sentence: \"{sentence}\"\n"
-                f"Options:\n{_letters(_FOMC_OPTIONS)}",
-                f"The sentence signals a {label} stance, which is option {letter}.", letter, None)
+        return (
+            f'Classify the monetary policy stance of this FOMC sentence: "{sentence}"\n'
+            f"Options:\n{_letters(_FOMC_OPTIONS)}",
+            f"The sentence signals a {label} stance, which is option {letter}.",
+            letter,
+            None,
+        )
     if task == "art":
         if rng.random() < 0.7:
             artist = rng.choice(_ARTISTS)
-            return ("Who painted this artwork?", f"{rng.choice(_ART_CUES).capitalize()} point to {artist}.",
-                    artist, "AQUA")
+            return (
+                "Who painted this artwork?",
+                f"{rng.choice(_ART_CUES).capitalize()} point to {artist}.",
+                artist,
+                "AQUA",
+            )
         style = rng.choice(_STYLES)
-        return ("What is the style of this painting?", f"The composition and the palette are typical of {style}.",
-                style, "AQUA")
+        return (
+            "What is the style of this painting?",
+            f"The composition and the palette are typical of {style}.",
+            style,
+            "AQUA",
+        )
     if task == "OCR":
         sub, q, a = _OCR[rng.randrange(len(_OCR))]
         return q, f"Reading the image from left to right gives {a}.", a, sub
     if task == "science":
         sub, q, options, k = _SCIENCE[rng.randrange(len(_SCIENCE))]
         letter = "ABCDEFGH"[k]
-        return (f"{q}\nOptions:\n{_letters(options)}", f"The answer is {options[k]}, which is option {letter}.",
-                letter, sub)
+        return (
+            f"{q}\nOptions:\n{_letters(options)}",
+            f"The answer is {options[k]}, which is option {letter}.",
+            letter,
+            sub,
+        )
     if task == "math":
         sub, q, a = _MATH[rng.randrange(len(_MATH))]
         return q, f"Looking at the figure step by step, the result is {a}.", a, sub
@@ -242,8 +271,11 @@ def _records(task: str, split: str, n: int, solution_format: str, rng: random.Ra
     out = []
     for i in range(n):
         q, reasoning, answer, sub = _item(task, i, rng)
-        rec = {"question_id": f"{task}_{split}_{i}", "problem": f"{q}\nprompt:\n{_PROMPTS[task]}",
-               "solution": _solution(reasoning, answer, solution_format)}
+        rec = {
+            "question_id": f"{task}_{split}_{i}",
+            "problem": f"{q}\nprompt:\n{_PROMPTS[task]}",
+            "solution": _solution(reasoning, answer, solution_format),
+        }
         spec = None
         if task not in TEXT_ONLY:
             fmt, mode, ext = _FORMATS[i % len(_FORMATS)]
@@ -254,8 +286,16 @@ def _records(task: str, split: str, n: int, solution_format: str, rng: random.Ra
     return out
 
 
-def make_ctbench(root, *, tasks=("numglue", "art", "fomc", "OCR"), n_train: int = 6, n_test: int = 3,
-                 solution_format: str = "answer_tag", seed: int = 0, llava: bool = True) -> Path:
+def make_ctbench(
+    root,
+    *,
+    tasks=("numglue", "art", "fomc", "OCR"),
+    n_train: int = 6,
+    n_test: int = 3,
+    solution_format: str = "answer_tag",
+    seed: int = 0,
+    llava: bool = True,
+) -> Path:
     """Write an MLLM-CTBench directory (layout in the module docstring); returns root."""
     root = Path(root)
     _solution("", "", solution_format)  # validate early
@@ -287,8 +327,10 @@ def _write_llava(root: Path, task: str, split: str, records: list[dict]) -> None
             img = s.get("image")
             if img:
                 item["image"] = img
-            item["conversations"] = [{"from": "human", "value": ("<image>\n" + s["problem"]) if img else s["problem"]},
-                                     {"from": "gpt", "value": s["solution"]}]
+            item["conversations"] = [
+                {"from": "human", "value": ("<image>\n" + s["problem"]) if img else s["problem"]},
+                {"from": "gpt", "value": s["solution"]},
+            ]
             conv.append(item)
         out = root / "llava_train" / f"{task}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -321,7 +363,7 @@ def truncate_image(root, task: str, index: int, split: str = "train") -> Path:
     sos = data.find(b"\xff\xda")  # start of scan: the headers (tables, frame) end here
     if data[:2] != b"\xff\xd8" or sos < 0:
         raise ValueError(f"{path} is not a JPEG (records i % 4 in (0, 2) of an image task are)")
-    scan = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")  # first byte of the entropy-coded data
+    scan = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")  # first byte of the entropy-coded data
     path.write_bytes(data[: scan + (len(data) - scan) // 2])  # headers intact, half of the pixels gone
     return path
 
@@ -336,21 +378,27 @@ def remove_image(root, task: str, index: int, split: str = "train") -> Path:
 
 
 def _corpus() -> list[str]:
-    """About a thousand short lines covering the dataset's words, both solution formats, the chat template, digits, punctuation."""
+    """About a thousand short lines covering the dataset's words, both solution formats, the chat template,
+    digits, punctuation."""
     rng = random.Random(1234)
     lines = []
     for task in TASKS:
         for fmt in ("answer_tag", "think"):
             for i in range(12):
                 q, reasoning, answer, _ = _item(task, i, rng)
-                lines += f"USER: <image>\n{q}\nprompt:\n{_PROMPTS[task]} ASSISTANT: {_solution(reasoning, answer, fmt)}".split("\n")
-    lines += [" ".join(str(rng.randrange(10 ** k)) for k in range(1, 6)) for _ in range(20)]
-    lines += ["! \" # $ % & ' ( ) * + , - . / : ; < = > ? @ [ \\ ] ^ _ ` { | } ~", "0 1 2 3 4 5 6 7 8 9",
-              "What is it? It is a red square, a blue circle and a green line.", "Hello world, this is a test."] * 3
+                reply = _solution(reasoning, answer, fmt)
+                lines += f"USER: <image>\n{q}\nprompt:\n{_PROMPTS[task]} ASSISTANT: {reply}".split("\n")
+    lines += [" ".join(str(rng.randrange(10**k)) for k in range(1, 6)) for _ in range(20)]
+    lines += [
+        "! \" # $ % & ' ( ) * + , - . / : ; < = > ? @ [ \\ ] ^ _ ` { | } ~",
+        "0 1 2 3 4 5 6 7 8 9",
+        "What is it? It is a red square, a blue circle and a green line.",
+        "Hello world, this is a test.",
+    ] * 3
     return [line for line in lines if line.strip()]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bpe() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
     """(vocab items, merges) of the Llama-2-style BPE, learned once per process (about 20 ms)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -358,11 +406,16 @@ def _bpe() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
     t = Tokenizer(models.BPE(unk_token="<unk>"))
     # pieces never span words, digits or punctuation marks (SentencePiece's split_by_whitespace, split_digits
     # and split_by_unicode_script, as Llama's model was trained): "19" encodes as "▁", "1", "9", as in Llama
-    t.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation(behavior="isolated")])
-    t.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=900, special_tokens=list(SPECIALS),
-                                                          show_progress=False))
+    t.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+        ]
+    )
+    t.train_from_iterator(
+        _corpus(), trainers.BpeTrainer(vocab_size=900, special_tokens=list(SPECIALS), show_progress=False)
+    )
     model = json.loads(t.to_str())["model"]
     vocab = {s: i for i, s in enumerate(SPECIALS)}
     for b in range(256):
@@ -379,19 +432,27 @@ def backend_tokenizer(kind: str = "legacy"):
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     vocab, merges = _bpe()
-    tok = Tokenizer(models.BPE(vocab=dict(vocab), merges=list(merges), byte_fallback=True, unk_token="<unk>",
-                               fuse_unk=True))
+    tok = Tokenizer(
+        models.BPE(vocab=dict(vocab), merges=list(merges), byte_fallback=True, unk_token="<unk>", fuse_unk=True)
+    )
     if kind == "legacy":
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     elif kind == "metaspace":
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     else:
         raise ValueError(f"tokenizer must be 'legacy' or 'metaspace', got {kind!r}")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(content=" ", left=1, right=0)])
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(content=" ", left=1, right=0),
+        ]
+    )
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS + ADDED])
-    tok.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1",
-                                                       special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1", special_tokens=[("<s>", 1)]
+    )
     return tok
 
 
@@ -399,9 +460,17 @@ def make_tokenizer(kind: str = "legacy"):
     """The transformers tokenizer (TokenizersBackend over backend_tokenizer(kind)), llava-hf's settings."""
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=backend_tokenizer(kind), bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>", padding_side="left",
-                                   clean_up_tokenization_spaces=False, add_bos_token=True, add_eos_token=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend_tokenizer(kind),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        add_bos_token=True,
+        add_eos_token=False,
+    )
 
 
 # ---- the checkpoint ----
@@ -423,14 +492,37 @@ def make_llava_checkpoint(path, tokenizer: str = "legacy", seed: int = 0, dtype=
     dtype = torch.bfloat16 if dtype is None else dtype
     tok = make_tokenizer(tokenizer)
     image_id, pad_id = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<pad>")
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32)
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=4, max_position_embeddings=2048, vocab_size=len(tok), rms_norm_eps=1e-5,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=pad_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         projector_hidden_act="gelu", tie_word_embeddings=False)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        vocab_size=len(tok),
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=pad_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
     config.pad_token_id = pad_id
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(dtype).eval()
@@ -441,12 +533,26 @@ def make_llava_checkpoint(path, tokenizer: str = "legacy", seed: int = 0, dtype=
     cfg.pop("image_seq_length", None)
     cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
-    improc = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                                   do_center_crop=True, do_convert_rgb=True, do_normalize=True, do_rescale=True,
-                                   do_resize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3)
-    proc = LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=PATCH_SIZE,
-                          vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
-                          num_additional_image_tokens=1)
+    improc = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True,
+        do_convert_rgb=True,
+        do_normalize=True,
+        do_rescale=True,
+        do_resize=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        resample=3,
+    )
+    proc = LlavaProcessor(
+        image_processor=improc,
+        tokenizer=tok,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
     proc.save_pretrained(path)
     _llava_hf_files(path)
     return path
@@ -470,15 +576,28 @@ def _llava_hf_files(path: Path) -> None:
     tc = path / "tokenizer_config.json"
     cfg = json.loads(tc.read_text())
     cfg.pop("chat_template", None)
-    cfg.update(tokenizer_class="LlamaTokenizer", legacy=False, add_bos_token=True, add_eos_token=False,
-               padding_side="left", pad_token="<pad>", processor_class="LlavaProcessor", sp_model_kwargs={},
-               use_default_system_prompt=False, clean_up_tokenization_spaces=False)
+    cfg.update(
+        tokenizer_class="LlamaTokenizer",
+        legacy=False,
+        add_bos_token=True,
+        add_eos_token=False,
+        padding_side="left",
+        pad_token="<pad>",
+        processor_class="LlavaProcessor",
+        sp_model_kwargs={},
+        use_default_system_prompt=False,
+        clean_up_tokenization_spaces=False,
+    )
     tc.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     # files llava-hf also ships and transformers 5 no longer writes (its tokenizer.model, a SentencePiece
     # proto, is left out: transformers reads tokenizer.json first)
     ids = {t["content"]: t["id"] for t in json.loads((path / "tokenizer.json").read_text())["added_tokens"]}
     (path / "added_tokens.json").write_text(json.dumps({t: ids[t] for t in ADDED}, indent=2) + "\n")
     tok = lambda t: {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    (path / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": tok("<s>"), "eos_token": tok("</s>"), "pad_token": "<pad>", "unk_token": tok("<unk>")},
-        indent=2) + "\n")
+    (path / "special_tokens_map.json").write_text(
+        json.dumps(
+            {"bos_token": tok("<s>"), "eos_token": tok("</s>"), "pad_token": "<pad>", "unk_token": tok("<unk>")},
+            indent=2,
+        )
+        + "\n"
+    )

@@ -19,7 +19,9 @@ def test_update_vs_importance_sorts_row_and_column_moves_by_importance(tmp_path)
         A2[0, k, 0] += 0.1 * importance[0, k]  # row k of A moves by 0.1 x its importance
         B2[0, 0, k] -= 1.0 / importance[0, k]  # column k of B moves by 1 / its importance
     for t, (A, B) in enumerate([(A1, B1), (A2, B2)], start=1):
-        save_file({"m.lora_A": A, "m.lora_B": B, "m.importance_agg": importance}, tmp_path / "ckpt" / f"task{t}.safetensors")
+        save_file(
+            {"m.lora_A": A, "m.lora_B": B, "m.importance_agg": importance}, tmp_path / "ckpt" / f"task{t}.safetensors"
+        )
     rows = update_vs_importance(tmp_path, 2, "lora_A")
     assert rows["update_by_importance_decile"] == pytest.approx([0.1 * i for i in range(1, 11)], rel=1e-5)
     cols = update_vs_importance(tmp_path, 2, "lora_B")

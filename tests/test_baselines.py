@@ -10,8 +10,10 @@ from data import Task
 
 
 def stream(sizes=(40, 30, 20)):
-    return [Task(f"t{i}", [f"t{i}-train-{j}" for j in range(n)], [f"t{i}-test-{j}" for j in range(5)])
-            for i, n in enumerate(sizes)]
+    return [
+        Task(f"t{i}", [f"t{i}-train-{j}" for j in range(n)], [f"t{i}-test-{j}" for j in range(5)])
+        for i, n in enumerate(sizes)
+    ]
 
 
 def cfg(fraction=0.1, seed=0):
@@ -105,6 +107,7 @@ def forward_of(model):
     def forward(batch):
         ids = torch.stack([x for x, _ in batch])
         return model(input_ids=ids).logits, torch.stack([y for _, y in batch])
+
     return forward
 
 
@@ -173,7 +176,9 @@ def test_consolidation_penalty_is_zero_at_the_anchor_with_the_right_gradient(cls
     expected = sum(1.5 * (method.importance[n].double() * delta[n].double().square()).sum() for n in params)
     assert torch.allclose(loss.double(), expected, rtol=1e-5)  # (lambda / 2) sum F delta^2, lambda = 3
     for n, p in params.items():
-        assert torch.allclose(p.grad.double(), 3.0 * method.importance[n].double() * delta[n].double(), rtol=1e-4, atol=1e-9)
+        assert torch.allclose(
+            p.grad.double(), 3.0 * method.importance[n].double() * delta[n].double(), rtol=1e-4, atol=1e-9
+        )
 
 
 def test_distillation_kl_on_a_known_pair():
@@ -201,8 +206,15 @@ def test_lwf_teacher_is_the_model_before_the_task():
     labels = torch.stack([y for _, y in data_])
     logits = model(input_ids=ids).logits
     n = int((labels[:, 1:] != -100).sum())
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "inputs_embeds": model.emb(ids), "labels": labels,
-             "logits": logits, "n_tokens": n, "world": 1}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "inputs_embeds": model.emb(ids),
+        "labels": labels,
+        "logits": logits,
+        "n_tokens": n,
+        "world": 1,
+    }
     got = method.extra_loss(batch)["distill"]
     keep = labels[:, 1:] != -100
     old = before(input_ids=ids).logits[:, :-1][keep].double() / 2
@@ -246,7 +258,9 @@ def test_olora_old_slices_do_not_move_while_a_new_task_trains():
         opt.zero_grad()
     method.end_task(1)
     A, B = model.out.lora_A.detach(), model.out.lora_B.detach()
-    assert torch.equal(A[:, [0, 1, 4, 5]], A0[:, [0, 1, 4, 5]]) and torch.equal(B[..., [0, 1, 4, 5]], B0[..., [0, 1, 4, 5]])
+    assert torch.equal(A[:, [0, 1, 4, 5]], A0[:, [0, 1, 4, 5]]) and torch.equal(
+        B[..., [0, 1, 4, 5]], B0[..., [0, 1, 4, 5]]
+    )
     assert not torch.equal(A[:, 2:4], A0[:, 2:4]) and not torch.equal(B[..., 2:4], B0[..., 2:4])
     assert not model.out.lora_A._backward_hooks  # masks removed when the task ends
 
@@ -261,7 +275,7 @@ def test_olora_refuses_what_it_cannot_honour():
 # ---- L2P, HiDe-LLaVA, DDAS: their selection, on hand-made features ----
 
 from baselines import DDAS, L2P, ChosenExperts, HiDe  # noqa: E402
-from data import Example, Task  # noqa: E402
+from data import Example  # noqa: E402
 
 
 class Layers(nn.Module):
@@ -379,4 +393,4 @@ def test_l2p_picks_the_prompts_whose_keys_are_nearest_to_the_query():
     assert not torch.equal(chosen[0], chosen[2])  # the two tasks' queries pick different prompts
     embeds, mask = method.inputs({"examples": exs}, torch.zeros(4, 3, D), torch.ones(4, 3, dtype=torch.long))
     assert embeds.shape == (4, L2P.top_n * L2P.length + 3, D) and mask.shape == (4, L2P.top_n * L2P.length + 3)
-    assert torch.equal(embeds[0, :L2P.length], method.pool.prompts[chosen[0, 0]].detach())
+    assert torch.equal(embeds[0, : L2P.length], method.pool.prompts[chosen[0, 0]].detach())

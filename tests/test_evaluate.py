@@ -15,16 +15,19 @@ def test_extract_answer_takes_the_last_one_case_insensitive():
     assert extract_answer("no final answer here") is None
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("<think>two and three</think>\n\n<answer>5</answer>", "5"),  # the benchmark's prepare_hf_data.py
-    ("<think> two and three </think> 5", "5"),  # its data/README.md
-    ("two and three. answer: 5", "5"),  # its original llava_cl/eval_tool scorers
-    ("<answer>4</answer> no, <ANSWER> 5 </Answer>", "5"),  # the last one, any case
-    ("<think>so</think> <answer>5</answer>", "5"),  # <answer> before </think>
-    ("<think>long reasoning</think><answer>5", "5"),  # left open by the token budget
-    ("<answer>5</answer> answer: 6", "5"),  # <answer> before "answer:"
-    ("<think>only reasoning, cut off", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think>two and three</think>\n\n<answer>5</answer>", "5"),  # the benchmark's prepare_hf_data.py
+        ("<think> two and three </think> 5", "5"),  # its data/README.md
+        ("two and three. answer: 5", "5"),  # its original llava_cl/eval_tool scorers
+        ("<answer>4</answer> no, <ANSWER> 5 </Answer>", "5"),  # the last one, any case
+        ("<think>so</think> <answer>5</answer>", "5"),  # <answer> before </think>
+        ("<think>long reasoning</think><answer>5", "5"),  # left open by the token budget
+        ("<answer>5</answer> answer: 6", "5"),  # <answer> before "answer:"
+        ("<think>only reasoning, cut off", None),
+    ],
+)
 def test_extract_answer_reads_the_benchmarks_three_formats(text, expected):
     # planted bugs: only "answer:" known (the benchmark's own format scores 0), the first
     # <answer> taken instead of the last, or "answer:" preferred over the tags
@@ -32,14 +35,21 @@ def test_extract_answer_reads_the_benchmarks_three_formats(text, expected):
 
 
 REFERENCES = {  # task -> a final answer of the task's kind
-    "numglue": "12", "art": "a red circle at the top left", "math": "3", "fomc": "B",
-    "medical": "a small lesion in the left lung", "OCR": "HK", "science": "circle",
+    "numglue": "12",
+    "art": "a red circle at the top left",
+    "math": "3",
+    "fomc": "B",
+    "medical": "a small lesion in the left lung",
+    "OCR": "HK",
+    "science": "circle",
 }
 
 
 @pytest.mark.parametrize("task", sorted(REFERENCES))
-@pytest.mark.parametrize("form", ["<think>reasoning</think>\n\n<answer>{}</answer>", "<think> reasoning </think> {}",
-                                  "reasoning. answer: {}"])
+@pytest.mark.parametrize(
+    "form",
+    ["<think>reasoning</think>\n\n<answer>{}</answer>", "<think> reasoning </think> {}", "reasoning. answer: {}"],
+)
 def test_a_reference_scores_100_against_itself_in_every_format(task, form):
     # planted bug: every answer in the benchmark's <answer> format scored 0
     from evaluate import TASK_METRICS
@@ -64,7 +74,9 @@ def test_deviations_from_the_benchmarks_scorers_are_pinned():
     assert score("first_char", "answer: B", "B") == 100.0
     # rouge-score counts repeated words, the benchmark's `rouge` package counts distinct words:
     # a looping reply scores 40 here and 100 there
-    assert score("rouge_l", "answer: a red circle red circle red circle red circle", "a red circle") == pytest.approx(40.0)
+    assert score("rouge_l", "answer: a red circle red circle red circle red circle", "a red circle") == pytest.approx(
+        40.0
+    )
 
 
 def test_normalize_is_vqa_style():
@@ -137,9 +149,7 @@ def test_unknown_metric_is_an_error():
 
 
 def test_cl_metrics_on_a_hand_computed_matrix():
-    R = [[80.0, None, None],
-         [60.0, 90.0, None],
-         [50.0, 70.0, 40.0]]
+    R = [[80.0, None, None], [60.0, 90.0, None], [50.0, 70.0, 40.0]]
     m = cl_metrics(R)
     # final 50, 70, 40 -> AP 160/3; forgets -30, -20 -> paper BWT -50/3, standard -50/2
     assert m["ap"] == pytest.approx(160 / 3)
@@ -167,15 +177,60 @@ def test_a_run_with_only_its_last_row_has_ap_and_no_bwt():
 
 # Rows of the paper: per-task final Acc and Forget (7 tasks), then the printed AP and BWT.
 PAPER_ROWS = {
-    "T1 SeqFT": ([37.89, 5.52, 39.91, 64.42, 15.70, 7.19, 84.07], [-19.75, -32.35, -11.97, -5.74, -20.40, -16.67], 36.39, -15.27),
-    "T1 SeqLoRA": ([0.00, 6.28, 27.75, 38.44, 24.70, 16.96, 83.52], [-54.43, -24.81, -22.18, -35.15, -12.54, -5.53], 28.24, -22.09),
-    "T1 DDAS": ([44.83, 20.87, 37.40, 58.77, 23.74, 2.35, 74.46], [-7.88, -5.36, -1.25, -13.51, -0.34, -0.07], 37.49, -4.06),
-    "T1 MoELoRA softmax": ([42.98, 35.89, 40.84, 56.10, 29.24, 18.89, 79.57], [-11.45, 2.65, -11.61, -15.47, -6.04, -4.57], 43.36, -6.64),
-    "T1 Ours": ([49.52, 43.22, 44.70, 66.13, 29.99, 21.95, 83.73], [-5.90, 10.43, -6.50, -6.05, -5.38, -1.63], 48.46, -2.15),
-    "T2 +PASs-RW": ([49.99, 39.11, 42.70, 60.90, 27.79, 20.27, 83.41], [-5.18, 6.26, -8.27, -9.87, -8.74, -3.86], 46.31, -4.24),
-    "T6 SeqLoRA": ([43.70, 9.19, 17.54, 31.97, 29.89, 11.62, 55.17], [-42.63, -15.74, -19.18, -40.51, -23.93, -25.76], 28.44, -23.96),
-    "T6 MoELoRA softmax": ([50.42, 2.27, 22.94, 38.71, 31.24, 2.49, 53.45], [-32.14, -20.38, -11.81, -35.08, -20.19, -31.05], 28.79, -21.52),
-    "T6 Ours": ([64.94, 6.25, 28.11, 66.94, 46.52, 60.25, 53.69], [-17.72, -16.04, -6.43, -1.61, -4.34, 26.99], 46.67, -2.74),
+    "T1 SeqFT": (
+        [37.89, 5.52, 39.91, 64.42, 15.70, 7.19, 84.07],
+        [-19.75, -32.35, -11.97, -5.74, -20.40, -16.67],
+        36.39,
+        -15.27,
+    ),
+    "T1 SeqLoRA": (
+        [0.00, 6.28, 27.75, 38.44, 24.70, 16.96, 83.52],
+        [-54.43, -24.81, -22.18, -35.15, -12.54, -5.53],
+        28.24,
+        -22.09,
+    ),
+    "T1 DDAS": (
+        [44.83, 20.87, 37.40, 58.77, 23.74, 2.35, 74.46],
+        [-7.88, -5.36, -1.25, -13.51, -0.34, -0.07],
+        37.49,
+        -4.06,
+    ),
+    "T1 MoELoRA softmax": (
+        [42.98, 35.89, 40.84, 56.10, 29.24, 18.89, 79.57],
+        [-11.45, 2.65, -11.61, -15.47, -6.04, -4.57],
+        43.36,
+        -6.64,
+    ),
+    "T1 Ours": (
+        [49.52, 43.22, 44.70, 66.13, 29.99, 21.95, 83.73],
+        [-5.90, 10.43, -6.50, -6.05, -5.38, -1.63],
+        48.46,
+        -2.15,
+    ),
+    "T2 +PASs-RW": (
+        [49.99, 39.11, 42.70, 60.90, 27.79, 20.27, 83.41],
+        [-5.18, 6.26, -8.27, -9.87, -8.74, -3.86],
+        46.31,
+        -4.24,
+    ),
+    "T6 SeqLoRA": (
+        [43.70, 9.19, 17.54, 31.97, 29.89, 11.62, 55.17],
+        [-42.63, -15.74, -19.18, -40.51, -23.93, -25.76],
+        28.44,
+        -23.96,
+    ),
+    "T6 MoELoRA softmax": (
+        [50.42, 2.27, 22.94, 38.71, 31.24, 2.49, 53.45],
+        [-32.14, -20.38, -11.81, -35.08, -20.19, -31.05],
+        28.79,
+        -21.52,
+    ),
+    "T6 Ours": (
+        [64.94, 6.25, 28.11, 66.94, 46.52, 60.25, 53.69],
+        [-17.72, -16.04, -6.43, -1.61, -4.34, 26.99],
+        46.67,
+        -2.74,
+    ),
 }
 
 

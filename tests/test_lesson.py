@@ -7,17 +7,42 @@ import shlex
 from pathlib import Path
 
 import pytest
+from helpers import only_read
 
 import train_stream as ts
-from helpers import only_read
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSON = (ROOT / "LESSON.md").read_text()
 BLOCKS = re.findall(r"```(\w*)\n(.*?)```", LESSON, re.DOTALL)
-COMMANDS = [line.split("#")[0].strip() for lang, block in BLOCKS if lang == "bash"
-            for line in block.splitlines() if line.startswith("python train_stream.py")]
-REDUCED = ["--order", "numglue,art", "--n-train", "16", "--n-test", "4", "--epochs", "1", "--max-new-tokens", "8",
-           "--eval-batch-size", "8", "--probe-size", "2", "--tiny-pretrain-steps", "3", "--num-experts", "3", "--rank", "2"]
+COMMANDS = [
+    line.split("#")[0].strip()
+    for lang, block in BLOCKS
+    if lang == "bash"
+    for line in block.splitlines()
+    if line.startswith("python train_stream.py")
+]
+REDUCED = [
+    "--order",
+    "numglue,art",
+    "--n-train",
+    "16",
+    "--n-test",
+    "4",
+    "--epochs",
+    "1",
+    "--max-new-tokens",
+    "8",
+    "--eval-batch-size",
+    "8",
+    "--probe-size",
+    "2",
+    "--tiny-pretrain-steps",
+    "3",
+    "--num-experts",
+    "3",
+    "--rank",
+    "2",
+]
 
 
 def test_the_lesson_has_its_exercises():
@@ -43,7 +68,9 @@ def test_exercise_one_at_a_reduced_size_writes_what_students_look_at(tmp_path):
     # planted bug: the run directory's files renamed, so the lesson points at nothing
     argv = shlex.split(COMMANDS[0])[2:]
     argv = [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")]
-    cfg, _ = ts.parse_args(only_read(argv + REDUCED + ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]))
+    cfg, _ = ts.parse_args(
+        only_read(argv + REDUCED + ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")])
+    )
     ts.run(cfg)
     looked_at = set(re.findall(r"`runs/[^/`]+/([^`]+)`", LESSON.split("## Exercise 2", 1)[0]))
     assert looked_at, "exercise 1 names no file to look at"

@@ -36,8 +36,9 @@ def collator(b, max_length=256):
 
 
 def loss_of(bundle, batch):
-    return bundle.model(inputs_embeds=lw.embed(bundle, batch), attention_mask=batch["attention_mask"],
-                        labels=batch["labels"]).loss
+    return bundle.model(
+        inputs_embeds=lw.embed(bundle, batch), attention_mask=batch["attention_mask"], labels=batch["labels"]
+    ).loss
 
 
 def with_model(bundle, model):
@@ -98,7 +99,7 @@ def importance_of(bundle, batches):
         for batch in batches:
             with track_importance(bundle.model, token_mask=batch["attention_mask"].bool()):
                 lw.forward(bundle, batch)
-    return {n: (l.task_importance_sum.clone(), l.task_tokens.item()) for n, l in pas_layers(bundle.model).items()}
+    return {n: (m.task_importance_sum.clone(), m.task_tokens.item()) for n, m in pas_layers(bundle.model).items()}
 
 
 def test_importance_excludes_padding(bundle):
@@ -152,7 +153,9 @@ def test_save_load_round_trip_and_mismatches(bundle, base, tmp_path):
     assert lw.load_adapters(fresh, path) == {"task": "art"}
     batch = collator(bundle).train(examples())
     with torch.no_grad():  # two model instances: a tolerance, not bitwise (a lost adapter moves logits by far more)
-        assert torch.allclose(lw.forward(with_model(bundle, fresh), batch), lw.forward(bundle, batch), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(
+            lw.forward(with_model(bundle, fresh), batch), lw.forward(bundle, batch), rtol=1e-5, atol=1e-5
+        )
     for name, layer in pas_layers(fresh).items():
         other = pas_layers(bundle.model)[name]
         assert torch.equal(layer.importance_agg, other.importance_agg) and torch.equal(layer.anchor_A, other.anchor_A)
@@ -189,10 +192,17 @@ def test_generation_is_batched_with_left_padding(bundle):
 def smallest_top2_margin(bundle, batch, steps):
     model = bundle.model.eval()
     with torch.no_grad():
-        out = model.generate(inputs_embeds=lw.embed(bundle, batch), attention_mask=batch["attention_mask"],
-                             max_new_tokens=steps, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True, suppress_tokens=[model.config.image_token_index],
-                             pad_token_id=bundle.tokenizer.pad_token_id, eos_token_id=bundle.tokenizer.eos_token_id)
+        out = model.generate(
+            inputs_embeds=lw.embed(bundle, batch),
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=steps,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            suppress_tokens=[model.config.image_token_index],
+            pad_token_id=bundle.tokenizer.pad_token_id,
+            eos_token_id=bundle.tokenizer.eos_token_id,
+        )
     return min((s.topk(2).values[0, 0] - s.topk(2).values[0, 1]).item() for s in out.scores)
 
 
@@ -215,7 +225,9 @@ def test_embeddings_are_what_llava_builds_from_pixels(bundle):
     batch = collator(bundle).train(exs)
     pixels = torch.stack([bundle.load_image(ex.image) for ex in exs if ex.image is not None])
     with torch.no_grad():
-        theirs = bundle.model(input_ids=batch["input_ids"], pixel_values=pixels, attention_mask=batch["attention_mask"]).logits
+        theirs = bundle.model(
+            input_ids=batch["input_ids"], pixel_values=pixels, attention_mask=batch["attention_mask"]
+        ).logits
         assert torch.allclose(lw.forward(bundle, batch), theirs, rtol=1e-5, atol=1e-5)
 
 
@@ -253,8 +265,9 @@ def test_module_names_match_llava_7b_layout(bundle):
         return {re.sub(r"layers\.\d+", "layers.N", n) for n in names}
 
     assert shape(big_names) == shape(tiny_names)
-    assert {n for n, _ in big.named_modules() if n.count(".") <= 1} == \
-           {n for n, _ in bundle.model.named_modules() if n.count(".") <= 1}
+    assert {n for n, _ in big.named_modules() if n.count(".") <= 1} == {
+        n for n, _ in bundle.model.named_modules() if n.count(".") <= 1
+    }
 
 
 def test_tiny_base_is_the_same_at_any_thread_count(tmp_path):

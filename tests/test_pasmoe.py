@@ -149,8 +149,14 @@ def test_chosen_experts_take_the_mixture_given():
 def importance_reference(layer, x, mask):
     """Sum over unmasked tokens of pi_e * z_ek^2 and their count, one token and expert at a time, float64."""
     A = layer.lora_A.detach().double()
-    _, pi = reference(layer.cfg, x.double(), A, layer.lora_B.detach().double(), layer.base.weight.detach().double(),
-                      layer.base.bias.detach().double())
+    _, pi = reference(
+        layer.cfg,
+        x.double(),
+        A,
+        layer.lora_B.detach().double(),
+        layer.base.weight.detach().double(),
+        layer.base.bias.detach().double(),
+    )
     total, count = torch.zeros(A.shape[:2], dtype=torch.float64), 0
     for b in range(x.shape[0]):
         for n in range(x.shape[1]):
@@ -378,8 +384,9 @@ def test_energy_is_fp32_under_bf16(kind):
     assert (pi.double() - torch.softmax(z.double().square().mean(-1), dim=-1)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_experts=0), dict(rank=0), dict(alpha=0.0), dict(temperature=0.0),
-                                    dict(weight_clip=-1.0)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(num_experts=0), dict(rank=0), dict(alpha=0.0), dict(temperature=0.0), dict(weight_clip=-1.0)]
+)
 def test_bad_config_fails_clearly(kwargs):
     with pytest.raises(ValueError, match="must be > 0"):
         PASsConfig(**kwargs)

@@ -20,16 +20,27 @@ def checkpoints(tmp_path_factory):
 def _load(path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    return (AutoProcessor.from_pretrained(path, local_files_only=True),
-            LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True))
+    return (
+        AutoProcessor.from_pretrained(path, local_files_only=True),
+        LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True),
+    )
 
 
 def test_checkpoint_is_laid_out_as_llava_hf_and_runs(checkpoints):
     path = checkpoints["legacy"]
     names = {p.name for p in path.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
-            "tokenizer_config.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
-            "model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "chat_template.json",
+        "model-00001-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+    } <= names
     assert "image_seq_length" not in json.loads((path / "config.json").read_text())
     tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
     assert (tok_cfg["tokenizer_class"], tok_cfg["padding_side"]) == ("LlamaTokenizer", "left")
@@ -37,8 +48,13 @@ def test_checkpoint_is_laid_out_as_llava_hf_and_runs(checkpoints):
     processor, model = _load(path)
     assert model.dtype == torch.bfloat16 and model.config.vision_feature_layer == -2
     assert model.config.image_token_index == processor.tokenizer.convert_tokens_to_ids("<image>")
-    assert processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
-                                           "text": "What is it?"}]}], add_generation_prompt=True) == PROMPT
+    assert (
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+            add_generation_prompt=True,
+        )
+        == PROMPT
+    )
     enc = processor(text=PROMPT, images=Image.new("RGB", (40, 56), (200, 30, 30)), return_tensors="pt")
     assert (enc["input_ids"] == model.config.image_token_index).sum().item() == rf.NUM_IMAGE_TOKENS == 36
     with torch.no_grad():  # raises unless the image features fill the image tokens exactly
@@ -85,8 +101,9 @@ def test_ctbench_layout_keys_images_and_determinism(tmp_path):
             records = json.loads((root / split / f"{task}.json").read_text())
             assert len(records) == n
             for rec in records:
-                assert set(rec) == ({"question_id", "problem", "solution"} | ({"image"} if task in ("art", "OCR")
-                                                                              else set()))
+                assert set(rec) == (
+                    {"question_id", "problem", "solution"} | ({"image"} if task in ("art", "OCR") else set())
+                )
                 assert "\nprompt:\n" in rec["problem"]
                 assert rec["solution"].startswith("<think>") and rec["solution"].endswith("</answer>")
                 if "image" in rec:
@@ -101,8 +118,9 @@ def test_ctbench_layout_keys_images_and_determinism(tmp_path):
     assert (root / "llava_eval" / "fomc.jsonl").read_text().count("\n") == 3
 
     again = rf.make_ctbench(tmp_path / "b", tasks=("numglue", "art", "fomc", "OCR"))
-    assert sorted(p.relative_to(again).as_posix() for p in again.rglob("*")) == \
-        sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+    assert sorted(p.relative_to(again).as_posix() for p in again.rglob("*")) == sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*")
+    )
     assert all(p.read_bytes() == (again / p.relative_to(root)).read_bytes() for p in root.rglob("*") if p.is_file())
     think = rf.make_ctbench(tmp_path / "c", tasks=("numglue",), solution_format="think")
     sol = json.loads((think / "reasoning_test" / "numglue.json").read_text())[0]["solution"]

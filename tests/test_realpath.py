@@ -13,17 +13,37 @@ from pathlib import Path
 import pytest
 import realformat as rf
 import torch
+from helpers import only_read
 from safetensors.torch import load_file
 
+import config
 import data
 import llava_wrap
-import config
 import train_stream as ts
-from helpers import only_read
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--order", "numglue,art,fomc,OCR", "--num-experts", "2", "--rank", "2", "--epochs", "1", "--batch-size", "2",
-         "--max-new-tokens", "8", "--eval-batch-size", "4", "--probe-size", "2", "--limit", "4", "--lr", "1e-3"]
+SMALL = [
+    "--order",
+    "numglue,art,fomc,OCR",
+    "--num-experts",
+    "2",
+    "--rank",
+    "2",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "2",
+    "--max-new-tokens",
+    "8",
+    "--eval-batch-size",
+    "4",
+    "--probe-size",
+    "2",
+    "--limit",
+    "4",
+    "--lr",
+    "1e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +56,9 @@ def bench(tmp_path_factory):
 
 def readme_args(bench, *extra):
     ckpt, root = bench
-    return only_read(["--recipe", "paper", "--stream", "ctbench", "--data-root", str(root), "--model", str(ckpt), *SMALL,
-                      *extra])
+    return only_read(
+        ["--recipe", "paper", "--stream", "ctbench", "--data-root", str(root), "--model", str(ckpt), *SMALL, *extra]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +124,7 @@ def test_token_ids_and_labels_are_the_processors(pipeline, tmp_path, bench):
         assert collate.prompts([ex])["input_ids"][0].tolist() == expected
         assert ids == whole + [bundle.tokenizer.eos_token_id]
         answer = [i for i, lab in zip(ids, labels) if lab != data.IGNORE]
-        assert answer == ids[len(expected):]  # exactly the answer tokens and the end token
+        assert answer == ids[len(expected) :]  # exactly the answer tokens and the end token
         assert bundle.tokenizer.decode(answer[:-1]).strip() == ex.solution.strip()
     assert bundle.tokenizer.convert_ids_to_tokens(collate.encode(worded)[1][0]) == "▁The"  # not a lone "▁"
 
@@ -206,8 +227,20 @@ def test_what_does_not_fit_is_refused_before_training_with_the_flag_to_change(be
         ts.run(ts.parse_args(readme_args(bench, "--out", str(out), "--max-new-tokens", "2030"))[0])
     assert not out.exists()
     ckpt, root = bench
-    toy = ["--stream", "ctbench", "--data-root", str(root), "--model", str(ckpt), "--order", "art", "--max-length", "40",
-           "--out", str(out)]
+    toy = [
+        "--stream",
+        "ctbench",
+        "--data-root",
+        str(root),
+        "--model",
+        str(ckpt),
+        "--order",
+        "art",
+        "--max-length",
+        "40",
+        "--out",
+        str(out),
+    ]
     with pytest.raises(data.DataError, match=r"training prompts leave no room.*--max-length(.|\n)*--recipe paper"):
         ts.run(ts.parse_args(toy)[0])
     assert not out.exists()
@@ -226,7 +259,11 @@ def test_data_check_measures_prompts_with_the_checkpoints_tokenizer(bench, capsy
 
 def test_recipe_overrides_keep_its_scaling():
     # planted bug: --rank 4 under --recipe paper kept alpha 256 (alpha / r jumped from 2 to 64)
-    for extra, scaling in ((["--rank", "4"], 2.0), (["--total-rank", "24"], 2.0), (["--rank", "4", "--alpha", "16"], 4.0)):
+    for extra, scaling in (
+        (["--rank", "4"], 2.0),
+        (["--total-rank", "24"], 2.0),
+        (["--rank", "4", "--alpha", "16"], 4.0),
+    ):
         pas = config.adapters(ts.parse_args(["--recipe", "paper", "--model", "some/llava", *extra])[0])[0]
         assert pas.alpha / pas.rank == scaling, extra
     with pytest.raises(SystemExit):  # which would win is not obvious: refused
@@ -235,8 +272,13 @@ def test_recipe_overrides_keep_its_scaling():
 
 def test_the_command_line_works_under_cprofile():
     # planted bug: --help built from inspect.getsource(RunConfig), which fails when the script is __main__
-    done = subprocess.run([sys.executable, "-m", "cProfile", "train_stream.py", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "cProfile", "train_stream.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and "--limit" in done.stdout, done.stderr[-2000:]
 
 

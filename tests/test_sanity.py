@@ -55,7 +55,9 @@ def _has_new(ex):  # the solution carries the item's content (science's prompt l
     # except fomc's, which names only the stance: its content is the statement in the prompt
     text = ex.solution + (ex.problem if ex.task in ("fomc", "pretrain-fomc") else "")
     code = ex.solution.split("answer:")[-1].split() if ex.task in ("OCR", "pretrain-OCR") else []
-    return any(re.search(rf"\b{w.strip()}s?\b", text) for w in _new_words()) or any(c in sanity.NEW_GLYPHS for c in code)
+    return any(re.search(rf"\b{w.strip()}s?\b", text) for w in _new_words()) or any(
+        c in sanity.NEW_GLYPHS for c in code
+    )
 
 
 def test_new_content_appears_only_in_the_tasks():
@@ -74,6 +76,7 @@ def test_new_content_appears_only_in_the_tasks():
 def test_ocr_codes_survive_answer_normalization():
     # planted bug: an "A" (or "an") glyph, which the VQA normalization drops as an article
     from evaluate import normalize
+
     for a in sanity.GLYPHS | sanity.NEW_GLYPHS:
         for b in sanity.GLYPHS | sanity.NEW_GLYPHS:
             assert normalize(f"{a} {b}") == f"{a} {b}".lower()
@@ -84,5 +87,3 @@ def test_pretraining_mixture_has_known_words_only():
     tok = tiny_tokenizer()
     for ex in sanity.pretrain_mixture(0, 600):
         assert tok.unk_token_id not in tok(ex.problem + " " + ex.solution, add_special_tokens=False)["input_ids"], ex
-
-

@@ -17,7 +17,9 @@ DEFAULT_LA = 5e-4
 def write_run(path, method, seed, R, order="A", tasks=("x", "y"), **config):
     path.mkdir(parents=True)
     (path / "matrix.json").write_text(json.dumps({"tasks": list(tasks), "R": R}))
-    (path / "config.json").write_text(json.dumps({"method": method, "seed": seed, "order": order} | study.DEFAULTS | config))
+    (path / "config.json").write_text(
+        json.dumps({"method": method, "seed": seed, "order": order} | study.DEFAULTS | config)
+    )
     return load_run(path)
 
 
@@ -68,9 +70,19 @@ def test_claims_pair_runs_by_seed(tmp_path):
     for seed, (pas, moe) in enumerate([(80, 70), (90, 82), (70, 61), (60, 52)]):
         runs.append(write_run(tmp_path / f"p{seed}", "pasmoe", seed, [[pas, None], [pas, pas]]))
         runs.append(write_run(tmp_path / f"m{seed}", "moelora", seed, [[moe, None], [moe, moe]]))
-    rows = [line for line in study.claims(runs, calibrated={"A"}, planned=4).splitlines() if "full method above MoELoRA" in line and "| A |" in line]
-    assert "not judged (order A is not calibrated)" in study.claims(runs, calibrated=set(), planned=4)  # calibrated orders only
-    early = [line for line in study.claims(runs, calibrated={"A"}, planned=5).splitlines() if "full method above MoELoRA" in line and "| A |" in line]
+    rows = [
+        line
+        for line in study.claims(runs, calibrated={"A"}, planned=4).splitlines()
+        if "full method above MoELoRA" in line and "| A |" in line
+    ]
+    assert "not judged (order A is not calibrated)" in study.claims(
+        runs, calibrated=set(), planned=4
+    )  # calibrated orders only
+    early = [
+        line
+        for line in study.claims(runs, calibrated={"A"}, planned=5).splitlines()
+        if "full method above MoELoRA" in line and "| A |" in line
+    ]
     assert early[0].endswith("| 4 | | | waiting (4 of 5 seeds) |")
     cells = [c.strip() for c in rows[0].split("|")[1:-1]]
     assert cells[3] == "4" and cells[4] == "10.00 8.00 9.00 8.00" and cells[6] == "supported"
@@ -82,8 +94,10 @@ def test_claims_pair_runs_by_seed(tmp_path):
 
 
 def test_learnability_counts_diagonal_cells_below_the_bar(tmp_path):
-    runs = [write_run(tmp_path / f"r{i}", "pasmoe", i, R)
-            for i, R in enumerate([[[80.0, None], [10.0, 60.0]], [[90.0, None], [10.0, 100.0]]])]
+    runs = [
+        write_run(tmp_path / f"r{i}", "pasmoe", i, R)
+        for i, R in enumerate([[[80.0, None], [10.0, 60.0]], [[90.0, None], [10.0, 100.0]]])
+    ]
     rows = study.learnability(runs).splitlines()[2:]
     assert rows == ["| x | 85.0 | 80.0 | 0 of 2 |", "| y | 80.0 | 60.0 | 1 of 2 |"]
 
@@ -103,13 +117,19 @@ def calibration_runs(tmp_path, seq, rep, joint, order="A"):
 def test_calibration_passes_a_calibrated_stream_and_names_each_failure(tmp_path):
     # planted bugs: a criterion checked on the mean instead of every seed, replay ranges that
     # overlap counted as apart, joint's missing diagonal read as 0
-    good = calibration_runs(tmp_path, seq=[(90, 40, 90), (90, 50, 80)], rep=[(90, 80, 90), (90, 75, 85)],
-                            joint=[[90, 85], [85, 90]])
+    good = calibration_runs(
+        tmp_path, seq=[(90, 40, 90), (90, 50, 80)], rep=[(90, 80, 90), (90, 75, 85)], joint=[[90, 85], [85, 90]]
+    )
     text = study.calibration(good)
     assert text.splitlines()[-1].endswith("| yes |")  # seqlora BWT -25 and -20; replay AP 85, 80 vs 65, 65
     assert "| A | joint | 2 | 87.5 87.5 | 87.5 | - | 85.0 |" in text  # every seed's AP listed
-    bad = calibration_runs(tmp_path / "bad", seq=[(90, 40, 90), (91, 0, 80)], rep=[(90, 80, 90), (90, 45, 85)],
-                           joint=[[90, 85], [72, 74]], order="B")
+    bad = calibration_runs(
+        tmp_path / "bad",
+        seq=[(90, 40, 90), (91, 0, 80)],
+        rep=[(90, 80, 90), (90, 45, 85)],
+        joint=[[90, 85], [72, 74]],
+        order="B",
+    )
     cells = [c.strip() for c in study.calibration(bad).splitlines()[-1].split("|")[1:-1]]
     assert cells[0] == "B" and cells[1].startswith("yes")  # one seqlora seed forgets everything (BWT -45.5),
     assert cells[2].startswith("**NO**") and cells[3].startswith("**NO**") and cells[4].startswith("**NO**")
@@ -118,9 +138,11 @@ def test_calibration_passes_a_calibrated_stream_and_names_each_failure(tmp_path)
 
 def test_lambda_frontier_puts_pas_rw_at_factor_zero(tmp_path):
     # planted bug: factors read from the wrong field, or the unregularized end of the curve missing
-    runs = [write_run(tmp_path / "a", "pasmoe", 0, [[80.0, None], [70.0, 60.0]], lambda_a=10 * DEFAULT_LA),
-            write_run(tmp_path / "b", "l2", 0, [[80.0, None], [40.0, 90.0]]),
-            write_run(tmp_path / "c", "pas-rw", 0, [[90.0, None], [10.0, 90.0]])]
+    runs = [
+        write_run(tmp_path / "a", "pasmoe", 0, [[80.0, None], [70.0, 60.0]], lambda_a=10 * DEFAULT_LA),
+        write_run(tmp_path / "b", "l2", 0, [[80.0, None], [40.0, 90.0]]),
+        write_run(tmp_path / "c", "pas-rw", 0, [[90.0, None], [10.0, 90.0]]),
+    ]
     table, curves = study.lambda_frontier(runs)
     assert curves["pasmoe"] == [(0, -40.0, 50.0, 90.0), (10, -5.0, 65.0, 70.0)]
     assert curves["l2"] == [(0, -40.0, 50.0, 90.0), (1, -20.0, 65.0, 85.0)]
@@ -129,9 +151,11 @@ def test_lambda_frontier_puts_pas_rw_at_factor_zero(tmp_path):
 
 def test_paper_comparison_puts_ours_and_the_papers_side_by_side(tmp_path):
     # planted bugs: the paper's numbers printed as ours, a BWT invented for joint, rows unsorted
-    runs = [write_run(tmp_path / "s0", "seqlora", 0, [[80.0, None], [20.0, 90.0]]),  # AP 55, BWT -30
-            write_run(tmp_path / "s1", "seqlora", 1, [[80.0, None], [40.0, 90.0]]),  # AP 65, BWT -20
-            write_run(tmp_path / "j", "joint", 0, [[None, None], [90.0, 90.0]])]
+    runs = [
+        write_run(tmp_path / "s0", "seqlora", 0, [[80.0, None], [20.0, 90.0]]),  # AP 55, BWT -30
+        write_run(tmp_path / "s1", "seqlora", 1, [[80.0, None], [40.0, 90.0]]),  # AP 65, BWT -20
+        write_run(tmp_path / "j", "joint", 0, [[None, None], [90.0, 90.0]]),
+    ]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in study.paper_comparison(runs).splitlines()[2:]]
     mean, low, high = paired_difference([55.0, 65.0], [0.0, 0.0])
     assert rows[0] == ["seqlora", "2", f"{mean:.1f} [{low:.1f}, {high:.1f}]", rows[0][3], "SeqLoRA", "28.24", "-22.09"]
@@ -160,13 +184,17 @@ def test_docs_tables_are_replaced_and_the_prose_around_them_kept(tmp_path):
     # planted bugs: a greedy match that swallows the prose between two tables, a second fill that
     # nests or duplicates a table, a misspelt table name that silently leaves a stale table
     doc = tmp_path / "README.md"
-    doc.write_text("intro\n<!-- study table: claims -->\nold claims\n<!-- end of study table -->\nprose between\n"
-                   "<!-- study table: lesson -->\nold\n<!-- end of study table -->\nend\n")
+    doc.write_text(
+        "intro\n<!-- study table: claims -->\nold claims\n<!-- end of study table -->\nprose between\n"
+        "<!-- study table: lesson -->\nold\n<!-- end of study table -->\nend\n"
+    )
     found = {"claims": ("t", "| new claims |\n"), "lesson": ("t", "| new lesson |\n")}
     study.fill_docs([doc], found)
     study.fill_docs([doc], found)
-    assert doc.read_text() == ("intro\n<!-- study table: claims -->\n| new claims |\n<!-- end of study table -->\nprose between\n"
-                               "<!-- study table: lesson -->\n| new lesson |\n<!-- end of study table -->\nend\n")
+    assert doc.read_text() == (
+        "intro\n<!-- study table: claims -->\n| new claims |\n<!-- end of study table -->\nprose between\n"
+        "<!-- study table: lesson -->\n| new lesson |\n<!-- end of study table -->\nend\n"
+    )
     doc.write_text("<!-- study table: claim -->\nold\n<!-- end of study table -->\n")
     with pytest.raises(ValueError, match="README.md: no study table named claim"):
         study.fill_docs([doc], found)
@@ -175,9 +203,15 @@ def test_docs_tables_are_replaced_and_the_prose_around_them_kept(tmp_path):
 def test_lesson_quotes_each_seed_of_order_a_only(tmp_path):
     # planted bugs: forgetting read with its sign flipped or from the wrong column, a seed outside
     # 0-2 (or another order) mixed into the quoted range
-    runs = [write_run(tmp_path / f"s{seed}{order}", "seqlora", seed, R, order=order, tasks=("numglue", "art"))
-            for seed, R, order in [(0, [[80.0, None], [50.0, 90.0]], "A"), (1, [[70.0, None], [60.0, 90.0]], "A"),
-                                   (3, [[99.0, None], [0.0, 99.0]], "A"), (0, [[99.0, None], [0.0, 99.0]], "B")]]
+    runs = [
+        write_run(tmp_path / f"s{seed}{order}", "seqlora", seed, R, order=order, tasks=("numglue", "art"))
+        for seed, R, order in [
+            (0, [[80.0, None], [50.0, 90.0]], "A"),
+            (1, [[70.0, None], [60.0, 90.0]], "A"),
+            (3, [[99.0, None], [0.0, 99.0]], "A"),
+            (0, [[99.0, None], [0.0, 99.0]], "B"),
+        ]
+    ]
     rows = study.lesson(runs).splitlines()
     assert "| 1 | seqlora: points of numglue forgotten | 2 | 30.0 10.0 | 10.0 to 30.0 |" in rows
     assert "| 1 | seqlora: lowest score right after a task's training | 2 | 80.0 70.0 | 70.0 to 80.0 |" in rows

@@ -6,16 +6,16 @@ claim, the direction of a mechanism value, --seed reaching the permuted weights,
 generation, HiDe's fusion of the seen experts only, and what seqft trains and saves. The model tests
 use a barely pretrained tiny base (SMALL, as tests/test_train_stream.py), built once per module."""
 
+import contextlib
 import math
 import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import only_read
 from safetensors.torch import load_file
 from torch import nn
 
@@ -27,13 +27,35 @@ import train_stream as ts
 from baselines import METHODS, ChosenExperts, HiDe, SeqFT
 from data import Example, Task
 from engine.runs import RunDir
-from helpers import only_read
-from lab import analyses, stats, study
+from lab import stats, study
 from pasmoe import PASsConfig, inject
 
-SMALL = ["--order", "numglue,art", "--n-train", "16", "--n-test", "4", "--epochs", "1", "--batch-size", "8",
-         "--max-new-tokens", "8", "--eval-batch-size", "8", "--probe-size", "2", "--tiny-pretrain-steps", "3",
-         "--num-experts", "3", "--rank", "2", "--lr", "5e-3"]
+SMALL = [
+    "--order",
+    "numglue,art",
+    "--n-train",
+    "16",
+    "--n-test",
+    "4",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--max-new-tokens",
+    "8",
+    "--eval-batch-size",
+    "8",
+    "--probe-size",
+    "2",
+    "--tiny-pretrain-steps",
+    "3",
+    "--num-experts",
+    "3",
+    "--rank",
+    "2",
+    "--lr",
+    "5e-3",
+]
 CPU = torch.device("cpu")
 
 
@@ -57,13 +79,16 @@ def passes(bundle, cfg):
 # ---- 1. scorers: which answer marker wins ----
 
 
-@pytest.mark.parametrize("reply, expected", [
-    ("<think>the answer: 4 is wrong</think> 5", "5"),  # "answer:" inside the reasoning
-    ("<THINK>so Answer: 4</THINK>\n 5 ", "5"),  # tags and marker in any case
-    ("<think>answer: 4</think>\n\n<answer>5</answer>", "5"),  # an "answer:" inside <think>, then <answer>
-    ("<think>x</think> answer: 4 <answer>5</answer> answer: 6", "5"),  # <answer> over both
-    ("reasoning, answer: 5", "5"),  # "answer:" alone
-])
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ("<think>the answer: 4 is wrong</think> 5", "5"),  # "answer:" inside the reasoning
+        ("<THINK>so Answer: 4</THINK>\n 5 ", "5"),  # tags and marker in any case
+        ("<think>answer: 4</think>\n\n<answer>5</answer>", "5"),  # an "answer:" inside <think>, then <answer>
+        ("<think>x</think> answer: 4 <answer>5</answer> answer: 6", "5"),  # <answer> over both
+        ("reasoning, answer: 5", "5"),  # "answer:" alone
+    ],
+)
 def test_answer_tag_wins_over_think_which_wins_over_answer_colon(reply, expected):
     # planted bug: the marker loop's order swapped to ("answer:", "</think>") (an "answer:" in the
     # reasoning then wins over the text after </think>); also the <answer> check moved after the loop
@@ -109,8 +134,15 @@ SEEDS = range(10)  # the claims' planned seeds
 def run_dict(method, seed, order, R, **overrides):
     """A run as evaluate.load_run returns it (plus its analyses, none here: nothing is read from disk)."""
     config = {"method": method, "seed": seed, "order": order, "eval": "diag-last", **MAIN, **overrides}
-    return {"dir": Path(f"/nonexistent/{method}_{order}_{seed}"), "tasks": ["x", "y"], "R": R, "config": config,
-            "method": method, "metrics": evaluate.cl_metrics(R), "analyses": {}}
+    return {
+        "dir": Path(f"/nonexistent/{method}_{order}_{seed}"),
+        "tasks": ["x", "y"],
+        "R": R,
+        "config": config,
+        "method": method,
+        "metrics": evaluate.cl_metrics(R),
+        "analyses": {},
+    }
 
 
 def main_R(method, seed, order):
@@ -131,25 +163,38 @@ def main_R(method, seed, order):
 
 def study_runs():
     """(runs at the main settings, runs of other settings that share a seed and method with them)."""
-    main = [run_dict(m, s, o, main_R(m, s, o)) for o in ("A", "B") for m in study.REFERENCES + study.CLAIM_METHODS
-            for s in SEEDS]
+    main = [
+        run_dict(m, s, o, main_R(m, s, o))
+        for o in ("A", "B")
+        for m in study.REFERENCES + study.CLAIM_METHODS
+        for s in SEEDS
+    ]
+
     def bad(f0):  # unlearned, far from every main run
         return [[30.0, None], [f0, 90.0]]
 
-    others = [run_dict("pasmoe", s, o, bad(5.0 + s), lambda_a=10 * MAIN["lambda_a"], lambda_b=10 * MAIN["lambda_b"])
-              for o in ("A", "B") for s in SEEDS]
-    others += [run_dict(m, s, o, bad(7.0 + s), num_experts=2) for o in ("A", "B") for m in ("pasmoe", "moelora") for s in SEEDS]
+    others = [
+        run_dict("pasmoe", s, o, bad(5.0 + s), lambda_a=10 * MAIN["lambda_a"], lambda_b=10 * MAIN["lambda_b"])
+        for o in ("A", "B")
+        for s in SEEDS
+    ]
+    others += [
+        run_dict(m, s, o, bad(7.0 + s), num_experts=2) for o in ("A", "B") for m in ("pasmoe", "moelora") for s in SEEDS
+    ]
     others += [run_dict("pasmoe", s, o, bad(9.0 + s), temperature=0.25) for o in ("A", "B") for s in SEEDS]
     others += [run_dict("replay", s, "A", bad(20.0 + s), replay_fraction=f) for f in (0.02, 0.3) for s in SEEDS]
     return main, others
 
 
 def table_rows(text):
-    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    return [
+        [c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines() if line.startswith("|")
+    ]
 
 
 def expected_claims():
     """{(what, order): (each seed's a - b as printed, mean as printed)} of the AP and BWT claims, by hand."""
+
     def ap(m, s, o):
         R = main_R(m, s, o)
         return (R[1][0] + R[1][1]) / 2
@@ -193,7 +238,10 @@ def test_claims_calibration_and_learnability_read_only_the_main_settings(tmp_pat
         # learnability of order A: the main runs' just-trained scores, by hand
         order_a = [r for r in main if r["config"]["order"] == "A"]
         diag = {"x": [90.0 if r["method"] == "joint" else r["R"][0][0] for r in order_a], "y": [90.0] * len(order_a)}
-        want = [[k, f"{statistics.mean(v):.1f}", f"{min(v):.1f}", f"{sum(x < 70 for x in v)} of {len(v)}"] for k, v in diag.items()]
+        want = [
+            [k, f"{statistics.mean(v):.1f}", f"{min(v):.1f}", f"{sum(x < 70 for x in v)} of {len(v)}"]
+            for k, v in diag.items()
+        ]
         assert table_rows(found["learnability"][1])[2:] == want
 
 
@@ -203,6 +251,7 @@ def test_claims_calibration_and_learnability_read_only_the_main_settings(tmp_pat
 def mechanism_run(seed, least_A, most_A, least_B, most_B, method="pasmoe"):
     """A run whose analyses hold update sizes by importance decile (A rows and B columns), with
     analyses.update_vs_importance's ratio: the most important decile over the least important."""
+
     def updates(least, most):
         deciles = [least + (most - least) * k / 9 for k in range(10)]
         return {"update_by_importance_decile": deciles, "top_over_bottom": deciles[-1] / deciles[0]}
@@ -233,7 +282,9 @@ def test_the_decile_claim_and_the_mechanisms_table_read_least_over_most():
     assert row[6] == "supported"
     mech = next(r for r in table_rows(study.mechanisms(runs)) if r[0] == "pasmoe")
     ratios_A, ratios_B = [0.5 / (2.0 + s) for s in range(3)], [4.0 + s for s in range(3)]
-    assert mech[4].startswith(f"{statistics.mean(ratios_A):.2f} [") and mech[5].startswith(f"{statistics.mean(ratios_B):.2f} [")
+    assert mech[4].startswith(f"{statistics.mean(ratios_A):.2f} [") and mech[5].startswith(
+        f"{statistics.mean(ratios_B):.2f} ["
+    )
 
 
 # ---- 5. --seed reaching the permuted weights ----
@@ -269,8 +320,11 @@ def greedy_by_hand(bundle, batch, steps):
     included), the <image> token suppressed as generate does; stops at EOS."""
     ids, new = batch["input_ids"], []
     for _ in range(steps):
-        grown = {"input_ids": torch.cat([ids, torch.tensor(new, dtype=ids.dtype).view(1, -1)], 1),
-                 "attention_mask": torch.ones(1, ids.shape[1] + len(new), dtype=torch.long), "examples": batch["examples"]}
+        grown = {
+            "input_ids": torch.cat([ids, torch.tensor(new, dtype=ids.dtype).view(1, -1)], 1),
+            "attention_mask": torch.ones(1, ids.shape[1] + len(new), dtype=torch.long),
+            "examples": batch["examples"],
+        }
         logits = llava_wrap.forward(bundle, grown)[0, -1].clone()
         logits[bundle.model.config.image_token_index] = -math.inf
         new.append(int(logits.argmax()))
@@ -332,8 +386,7 @@ class Layers(nn.Module):
 def three_tasks(n=20, seed=0):
     """Three text tasks with features in separate clusters, and a features() that returns them."""
     g = torch.Generator().manual_seed(seed)
-    centres = {"numglue": torch.full((8,), 2.0), "fomc": torch.full((8,), -2.0),
-               "math": torch.tensor([2.0, -2.0] * 4)}
+    centres = {"numglue": torch.full((8,), 2.0), "fomc": torch.full((8,), -2.0), "math": torch.tensor([2.0, -2.0] * 4)}
     feats, tasks = {}, []
     for key, centre in centres.items():
         items = {split: [Example(key, f"{key}-{split}-{i}", "q", "a") for i in range(n)] for split in ("train", "test")}
@@ -358,8 +411,10 @@ def test_hide_fuses_only_the_seen_experts_and_restores_everything():
         method.end_task(t)
     low, top = model.layers[0]["proj"], model.layers[1]["proj"]
     assert low.lora_A[2].abs().sum() > 0 and low.lora_B[2].abs().sum() == 0  # the unseen expert, as reset
-    before = {name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.chosen)
-              for name, layer in method.layers.items()}
+    before = {
+        name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.chosen)
+        for name, layer in method.layers.items()
+    }
     examples = [tasks[0].test[0], tasks[1].test[0], tasks[2].test[0]]
     # the top layer's mixture by hand: softmax(cos(feature, seen task's mean train feature) / 0.1)
     anchors = torch.stack([torch.stack([feats[ex] for ex in tasks[s].train]).mean(0) for s in range(2)])
@@ -369,7 +424,9 @@ def test_hide_fuses_only_the_seen_experts_and_restores_everything():
         expected[i, :2] = torch.softmax(cos / 0.1, dim=0)
     A, B = before["layers.0.proj"][0], before["layers.0.proj"][1]
     with method.evaluating(examples):
-        assert torch.allclose(low.lora_A[0], A[0] + A[1], atol=1e-6) and torch.allclose(low.lora_B[0], B[0] + B[1], atol=1e-6)
+        assert torch.allclose(low.lora_A[0], A[0] + A[1], atol=1e-6) and torch.allclose(
+            low.lora_B[0], B[0] + B[1], atol=1e-6
+        )
         assert torch.equal(low.lora_A[1:], A[1:]) and torch.equal(low.lora_B[1:], B[1:])  # only expert 0 changes
         assert torch.equal(low.chosen, torch.tensor([1.0, 0.0, 0.0]))
         assert top.chosen.shape == (3, 1, 3) and torch.allclose(top.chosen[:, 0], expected, atol=1e-5)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import only_read
 from safetensors.torch import load_file
 
 import config
@@ -23,15 +24,60 @@ import data
 import llava_wrap
 import train_stream as ts
 from engine.runs import RunDir, logged_task
-from helpers import only_read
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--order", "numglue,art", "--n-train", "16", "--n-test", "4", "--epochs", "1", "--batch-size", "8",
-         "--max-new-tokens", "8", "--eval-batch-size", "8", "--probe-size", "2", "--tiny-pretrain-steps", "3",
-         "--num-experts", "3", "--rank", "2", "--lr", "5e-3"]
-LEARN = ["--order", "fomc,art", "--n-train", "32", "--n-test", "8", "--epochs", "2", "--batch-size", "8",
-         "--max-new-tokens", "24", "--eval-batch-size", "8", "--probe-size", "2", "--tiny-pretrain-steps", "300",
-         "--num-experts", "3", "--rank", "2", "--lr", "5e-3"]
+SMALL = [
+    "--order",
+    "numglue,art",
+    "--n-train",
+    "16",
+    "--n-test",
+    "4",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--max-new-tokens",
+    "8",
+    "--eval-batch-size",
+    "8",
+    "--probe-size",
+    "2",
+    "--tiny-pretrain-steps",
+    "3",
+    "--num-experts",
+    "3",
+    "--rank",
+    "2",
+    "--lr",
+    "5e-3",
+]
+LEARN = [
+    "--order",
+    "fomc,art",
+    "--n-train",
+    "32",
+    "--n-test",
+    "8",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--max-new-tokens",
+    "24",
+    "--eval-batch-size",
+    "8",
+    "--probe-size",
+    "2",
+    "--tiny-pretrain-steps",
+    "300",
+    "--num-experts",
+    "3",
+    "--rank",
+    "2",
+    "--lr",
+    "5e-3",
+]
 STEPS = 8  # per task of LEARN: 32 items / batch 8 x 2 epochs
 
 
@@ -103,14 +149,37 @@ def test_the_learning_stream_learns_and_pads(reference_run, cache):
 
 def test_run_directory_contents(reference_run):
     files = {p.relative_to(reference_run).as_posix() for p in reference_run.rglob("*") if p.is_file()}
-    for name in ["config.json", "log.jsonl", "matrix.json", "metrics.json", "report.md", "state.json",
-                 "ckpt/task1.safetensors", "ckpt/task2.safetensors", "predictions/after1_fomc.jsonl",
-                 "predictions/after2_fomc.jsonl", "predictions/after2_art.jsonl",
-                 "gates/fomc_after.pt", "gates/art_final.pt"]:
+    for name in [
+        "config.json",
+        "log.jsonl",
+        "matrix.json",
+        "metrics.json",
+        "report.md",
+        "state.json",
+        "ckpt/task1.safetensors",
+        "ckpt/task2.safetensors",
+        "predictions/after1_fomc.jsonl",
+        "predictions/after2_fomc.jsonl",
+        "predictions/after2_art.jsonl",
+        "gates/fomc_after.pt",
+        "gates/art_final.pt",
+    ]:
         assert name in files, name
     config = json.loads((reference_run / "config.json").read_text())
-    for key in ("method", "seed", "lr", "pas_config", "versions", "commit", "device_name", "base", "tasks", "cpu",
-                "cpu_capability", "threads"):  # planted bug: what the numbers depend on left out of the config
+    for key in (
+        "method",
+        "seed",
+        "lr",
+        "pas_config",
+        "versions",
+        "commit",
+        "device_name",
+        "base",
+        "tasks",
+        "cpu",
+        "cpu_capability",
+        "threads",
+    ):  # planted bug: what the numbers depend on left out of the config
         assert key in config, key
     assert config["pas_config"]["stabilize"] and config["threads"] == torch.get_num_threads()
     matrix = json.loads((reference_run / "matrix.json").read_text())
@@ -129,7 +198,9 @@ def test_same_seed_same_matrix(reference_run, cache, tmp_path):
     ts.run(learn(cache, tmp_path / "again"))
     again = json.loads((tmp_path / "again" / "matrix.json").read_text())
     assert again == json.loads((reference_run / "matrix.json").read_text())  # scores: discrete
-    assert_checkpoints_close(tmp_path / "again" / "ckpt" / "task2.safetensors", reference_run / "ckpt" / "task2.safetensors")
+    assert_checkpoints_close(
+        tmp_path / "again" / "ckpt" / "task2.safetensors", reference_run / "ckpt" / "task2.safetensors"
+    )
 
 
 def test_resume_after_a_crash_in_a_task_equals_an_uninterrupted_run(reference_run, cache, tmp_path, monkeypatch):
@@ -172,7 +243,14 @@ def test_nan_loss_stops_with_a_clear_message(cache, tmp_path, monkeypatch):
 
 def test_command_line_precedence_and_errors(tmp_path):
     cfg, _ = ts.parse_args(["--recipe", "paper", "--model", "some/llava", "--lr", "1e-4"])
-    assert (cfg.rank, cfg.num_experts, cfg.alpha, cfg.lr, cfg.batch_size, cfg.dtype) == (128, 6, 256.0, 1e-4, 12, "bfloat16")
+    assert (cfg.rank, cfg.num_experts, cfg.alpha, cfg.lr, cfg.batch_size, cfg.dtype) == (
+        128,
+        6,
+        256.0,
+        1e-4,
+        12,
+        "bfloat16",
+    )
     with pytest.raises(SystemExit):
         ts.parse_args(["--recipe", "paper"])  # the 7B recipe on the tiny model
     with pytest.raises(SystemExit):
@@ -180,7 +258,9 @@ def test_command_line_precedence_and_errors(tmp_path):
     seq = config.adapters(ts.parse_args(["--method", "seqlora", "--num-experts", "4", "--rank", "3"])[0])[0]
     assert (seq.num_experts, seq.rank) == (1, 12)
     assert seq.alpha / seq.rank == 8.0 / 3  # alpha x E: the same scaling alpha / r as E experts of rank 3
-    split, layer = config.adapters(ts.parse_args(["--method", "moelora", "--num-experts", "4", "--total-rank", "16"])[0])
+    split, layer = config.adapters(
+        ts.parse_args(["--method", "moelora", "--num-experts", "4", "--total-rank", "16"])[0]
+    )
     assert (split.num_experts, split.rank, layer.func.__name__) == (4, 4, "RoutedMoELinear")
     with pytest.raises(SystemExit):
         ts.parse_args(["--num-experts", "3", "--total-rank", "16"])
@@ -205,8 +285,19 @@ def test_two_process_gloo_run_matches_one_process(small_run, tmp_path):
     out = tmp_path / "ddp"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(ROOT / "train_stream.py"), *SMALL, "--cache-dir", str(tmp_path / "empty-cache"), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(ROOT / "train_stream.py"),
+        *SMALL,
+        "--cache-dir",
+        str(tmp_path / "empty-cache"),
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
@@ -239,9 +330,22 @@ def test_two_processes_train_what_a_method_adds_or_unfreezes_as_one_does(cache, 
         ts.run(small(cache, one, "--method", method))
     finally:
         torch.set_num_threads(threads)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(ROOT / "train_stream.py"), *only_read(SMALL + ["--method", method]), "--cache-dir", cache, "--out", str(two)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {
+        "OMP_NUM_THREADS": "1"
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(ROOT / "train_stream.py"),
+        *only_read(SMALL + ["--method", method]),
+        "--cache-dir",
+        cache,
+        "--out",
+        str(two),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = load_file(two / "ckpt" / "task2.safetensors"), load_file(one / "ckpt" / "task2.safetensors")
@@ -253,9 +357,21 @@ def test_two_processes_train_what_a_method_adds_or_unfreezes_as_one_does(cache, 
         assert diff <= 1e-2 * scale + 1e-8, (key, diff, scale)
 
 
-@pytest.mark.parametrize("method,term", [("ewc", "consolidation"), ("mas", "consolidation"), ("lwf", "distill"),
-                                         ("olora", "orthogonal"), ("replay", None), ("joint", None), ("seqft", None),
-                                         ("l2p", "pull"), ("hide", None), ("ddas", None)])
+@pytest.mark.parametrize(
+    "method,term",
+    [
+        ("ewc", "consolidation"),
+        ("mas", "consolidation"),
+        ("lwf", "distill"),
+        ("olora", "orthogonal"),
+        ("replay", None),
+        ("joint", None),
+        ("seqft", None),
+        ("l2p", "pull"),
+        ("hide", None),
+        ("ddas", None),
+    ],
+)
 def test_every_method_runs_and_logs_its_terms(cache, tmp_path, method, term):
     # planted bugs: a method whose extra term never switches on after the first task (L2P's pull
     # is on from the start), or whose run directory lacks the usual files
@@ -266,7 +382,9 @@ def test_every_method_runs_and_logs_its_terms(cache, tmp_path, method, term):
     if method == "joint":  # trains once, on both tasks' items: 32 / batch 8 = 4 steps at the last task
         assert metrics["bwt"] is None and [r["task"] for r in log] == ["art"] * 4
         return
-    assert metrics["bwt"] is not None and [r["task"] for r in log] == ["numglue"] * 2 + ["art"] * (2 if method != "replay" else 3)
+    assert metrics["bwt"] is not None and [r["task"] for r in log] == ["numglue"] * 2 + ["art"] * (
+        2 if method != "replay" else 3
+    )
     if term == "pull":
         assert all(r["pull"] < 0 for r in log)
     elif term:
@@ -291,16 +409,29 @@ def test_resume_restores_the_methods_own_state(cache, tmp_path, monkeypatch, met
         b = [json.loads(line)["consolidation"] for line in (reference / "log.jsonl").read_text().splitlines()]
         assert a[3] > 0 and a == pytest.approx(b, rel=1e-4)  # a[2]: the first step of task 2, at the anchor
     else:
-        assert json.loads((out / "metrics.json").read_text())["task_id_accuracy"] == \
-            json.loads((reference / "metrics.json").read_text())["task_id_accuracy"]
+        assert (
+            json.loads((out / "metrics.json").read_text())["task_id_accuracy"]
+            == json.loads((reference / "metrics.json").read_text())["task_id_accuracy"]
+        )
 
 
 def a_run(cfg, tasks=None) -> ts.Run:
     """A Run around the model of cfg, as setup builds it, without a run directory or a method."""
     bundle = ts.load_model(cfg, torch.device("cpu"))
     collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
-    return ts.Run(cfg, RunDir(cfg.out), 0, 1, torch.device("cpu"), tasks or ts.load_tasks(cfg), bundle, bundle.model,
-                  collate, None, {})
+    return ts.Run(
+        cfg,
+        RunDir(cfg.out),
+        0,
+        1,
+        torch.device("cpu"),
+        tasks or ts.load_tasks(cfg),
+        bundle,
+        bundle.model,
+        collate,
+        None,
+        {},
+    )
 
 
 def test_importance_pass_counts_each_real_token_once(cache):
@@ -337,10 +468,13 @@ def test_importance_tokens_option_counts_what_it_says(cache, which):
     ts.importance_pass(run, art)
     batch = collate.train(art.train)
     attended = batch["attention_mask"].bool()
-    expected = {"text": attended & (batch["input_ids"] != bundle.model.config.image_token_index),
-                "answer": attended & (batch["labels"] != data.IGNORE)}[which]
+    expected = {
+        "text": attended & (batch["input_ids"] != bundle.model.config.image_token_index),
+        "answer": attended & (batch["labels"] != data.IGNORE),
+    }[which]
     assert 0 < expected.sum() < attended.sum()
     from pasmoe import pas_layers
+
     assert {layer.task_tokens.item() for layer in pas_layers(bundle.model).values()} == {expected.sum().item()}
 
 
@@ -378,14 +512,22 @@ def test_task_loss_casts_only_the_answer_logits_to_fp32():
     class RecordFp32(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            fp32.extend(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out])
-                        if isinstance(t, torch.Tensor) and t.dtype == torch.float32)
+            fp32.extend(
+                t.numel()
+                for t in (out if isinstance(out, (tuple, list)) else [out])
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32
+            )
             return out
 
     with RecordFp32():
         loss = ts.task_loss(logits, labels, 6, 1)
     assert max(fp32) <= 6 * V < b * n * V
-    ref = torch.nn.functional.cross_entropy(logits.float()[:, -4:-1].reshape(-1, V), labels[:, -3:].reshape(-1), reduction="sum") / 6
+    ref = (
+        torch.nn.functional.cross_entropy(
+            logits.float()[:, -4:-1].reshape(-1, V), labels[:, -3:].reshape(-1), reduction="sum"
+        )
+        / 6
+    )
     assert torch.allclose(loss, ref)
 
 
@@ -430,9 +572,16 @@ def test_l2p_prompts_reach_generation_in_prefill_and_every_decode_step(cache):
 
     def scores():
         embeds, mask = llava_wrap.inputs(bundle, batch)
-        out = bundle.model.eval().generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                                           output_scores=True, return_dict_in_generate=True,
-                                           pad_token_id=bundle.tokenizer.pad_token_id, eos_token_id=None)
+        out = bundle.model.eval().generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=4,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=bundle.tokenizer.pad_token_id,
+            eos_token_id=None,
+        )
         return out.sequences[0], torch.stack(out.scores)[:, 0]
 
     with torch.no_grad():
@@ -441,7 +590,9 @@ def test_l2p_prompts_reach_generation_in_prefill_and_every_decode_step(cache):
         tokens, prompted = scores()
         assert (plain - prompted).abs().amax(dim=1).min() > 1e-2  # every step sees the prompts
         for k in range(len(tokens)):
-            grown = {"input_ids": torch.cat([batch["input_ids"], tokens[:k].unsqueeze(0)], 1),
-                     "attention_mask": torch.ones(1, batch["input_ids"].shape[1] + k, dtype=torch.long),
-                     "examples": batch["examples"]}
+            grown = {
+                "input_ids": torch.cat([batch["input_ids"], tokens[:k].unsqueeze(0)], 1),
+                "attention_mask": torch.ones(1, batch["input_ids"].shape[1] + k, dtype=torch.long),
+                "examples": batch["examples"],
+            }
             assert torch.allclose(llava_wrap.forward(bundle, grown)[0, -1], prompted[k], atol=1e-3), k

@@ -33,15 +33,27 @@ from data import TASKS, Example, Task, task_order
 # few steps of the next one; one that knows everything forgets nothing. README,
 # "Calibrating the sanity stream".)
 
-COLORS = {"red": (1, 0, 0), "green": (0, 0.8, 0), "blue": (0.1, 0.3, 1), "yellow": (1, 0.9, 0),
-          "purple": (0.6, 0, 0.8), "white": (1, 1, 1)}
+COLORS = {
+    "red": (1, 0, 0),
+    "green": (0, 0.8, 0),
+    "blue": (0.1, 0.3, 1),
+    "yellow": (1, 0.9, 0),
+    "purple": (0.6, 0, 0.8),
+    "white": (1, 1, 1),
+}
 NEW_COLORS = {"cyan": (0, 0.9, 0.9), "grey": (0.55, 0.55, 0.55)}
 SHAPES = ["circle", "square", "triangle", "cross"]
 NEW_SHAPES = ["diamond", "ring"]
 PLACES = {"top left": (8, 8), "top right": (8, 24), "bottom left": (24, 8), "bottom right": (24, 24)}
 GLYPHS = {  # 3 x 5 bitmaps, rows top to bottom; no "A", which answer normalization drops as an article
-    "P": "111101111100100", "C": "111100100100111", "E": "111100110100111", "H": "101101111101101",
-    "K": "101110100110101", "L": "100100100100111", "T": "111010010010010", "X": "101101010101101",
+    "P": "111101111100100",
+    "C": "111100100100111",
+    "E": "111100110100111",
+    "H": "101101111101101",
+    "K": "101110100110101",
+    "L": "100100100100111",
+    "T": "111010010010010",
+    "X": "101101010101101",
 }
 NEW_GLYPHS = {"B": "110101110101110", "J": "001001001101111", "Y": "101101010010010", "Q": "111101101111001"}
 SIZE = 32
@@ -74,7 +86,7 @@ def draw(items, glyphs: str = "", glyph_color: str = "white", seed: int = 0) -> 
         bitmap = torch.tensor([int(b) for b in bitmaps[ch]], dtype=torch.bool).view(5, 3)
         big = bitmap.repeat_interleave(3, 0).repeat_interleave(3, 1)
         y0, x0 = 1, 3 + 16 * i  # inside the top-left and top-right quadrants
-        img[:, y0:y0 + 15, x0:x0 + 9][:, big] = torch.tensor(colors[glyph_color], dtype=torch.float).unsqueeze(1)
+        img[:, y0 : y0 + 15, x0 : x0 + 9][:, big] = torch.tensor(colors[glyph_color], dtype=torch.float).unsqueeze(1)
     return (img + 0.05 * torch.randn(img.shape, generator=g)).clamp(0, 1)
 
 
@@ -85,15 +97,28 @@ FOMC = {  # stance -> (option letter, core phrases, new phrases)
 }
 HEDGES = ["will", "may", "plans to"]
 WORDS = ["one", "two", "three", "four"]
-PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses",
-          "diamond": "diamonds", "ring": "rings"}
+PLURAL = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "cross": "crosses",
+    "diamond": "diamonds",
+    "ring": "rings",
+}
 # Fillers: the tasks and the pretraining use different ones, so no pretraining item can be a task item.
 FILLERS = {
-    "task": dict(names=["Ana", "Ben", "Cleo", "Dev", "Eli", "Fay"], objects=["apples", "pens", "books", "coins", "stamps", "shells"],
-                 speakers=["the committee", "the chair", "the board", "officials"],
-                 when=["this year", "next month", "soon", "at the next meeting", "over time", "for now"]),
-    "pretrain": dict(names=["Gus", "Hana", "Ivo", "Jun"], objects=["cups", "keys", "cards", "bags"],
-                     speakers=["the bank", "the governor"], when=["this week", "later", "in spring"]),
+    "task": dict(
+        names=["Ana", "Ben", "Cleo", "Dev", "Eli", "Fay"],
+        objects=["apples", "pens", "books", "coins", "stamps", "shells"],
+        speakers=["the committee", "the chair", "the board", "officials"],
+        when=["this year", "next month", "soon", "at the next meeting", "over time", "for now"],
+    ),
+    "pretrain": dict(
+        names=["Gus", "Hana", "Ivo", "Jun"],
+        objects=["cups", "keys", "cards", "bags"],
+        speakers=["the bank", "the governor"],
+        when=["this week", "later", "in spring"],
+    ),
 }
 
 
@@ -113,32 +138,61 @@ def _sanity_item(task: str, rng: random.Random, pretrain: bool = False):
         name, obj, a, b = rng.choice(fill["names"]), rng.choice(fill["objects"]), rng.randrange(10), rng.randrange(10)
         ask = f"How many {obj} does {name} have now? Think step by step and give the final number after 'answer:'."
         if pretrain or rng.random() < 0.5:
-            return (name, obj, a, b, "+"), f"{name} has {a} {obj} and gets {b} more. {ask}", f"{a} plus {b} is {a + b}. answer: {a + b}", None
+            return (
+                (name, obj, a, b, "+"),
+                f"{name} has {a} {obj} and gets {b} more. {ask}",
+                f"{a} plus {b} is {a + b}. answer: {a + b}",
+                None,
+            )
         a, b = max(a, b), min(a, b)  # new content: subtraction
-        return (name, obj, a, b, "-"), f"{name} has {a} {obj} and gives {b} away. {ask}", f"{a} minus {b} is {a - b}. answer: {a - b}", None
+        return (
+            (name, obj, a, b, "-"),
+            f"{name} has {a} {obj} and gives {b} away. {ask}",
+            f"{a} minus {b} is {a - b}. answer: {a - b}",
+            None,
+        )
     if task == "fomc":
         stance = rng.choice(list(FOMC))
         letter, core, new = FOMC[stance]
         who, hedge, when = rng.choice(fill["speakers"]), rng.choice(HEDGES), rng.choice(fill["when"])
         what = rng.choice(core + ([] if pretrain else new))
-        problem = (f"Statement: {who} {hedge} {what} {when}. Is this statement hawkish, dovish or neutral? "
-                   "Options: A. hawkish B. dovish C. neutral. Give the option letter after 'answer:'.")
+        problem = (
+            f"Statement: {who} {hedge} {what} {when}. Is this statement hawkish, dovish or neutral? "
+            "Options: A. hawkish B. dovish C. neutral. Give the option letter after 'answer:'."
+        )
         return (who, hedge, what, when), problem, f"The stance is {stance}. answer: {letter}", None
     shape, color, place = rng.choice(shapes), rng.choice(colors), rng.choice(list(PLACES))
     if task == "art":
         image = draw([(shape, color, PLACES[place], 6)], seed=seed)
-        problem = "Describe this artwork: its colour, its shape and where it is. End with 'answer:' and a short description."
-        return (shape, color, place, seed), problem, f"The artwork is simple. answer: a {color} {shape} at the {place}", image
+        problem = (
+            "Describe this artwork: its colour, its shape and where it is. End with 'answer:' and a short description."
+        )
+        return (
+            (shape, color, place, seed),
+            problem,
+            f"The artwork is simple. answer: a {color} {shape} at the {place}",
+            image,
+        )
     if task == "medical":
         image = draw([(shape, color, PLACES[place], 3)], seed=seed)
         problem = "This is a scan. Where is the lesion and what colour is it? End with 'answer:' and a short finding."
-        return (shape, color, place, seed), problem, f"There is one lesion. answer: a {color} lesion in the {place}", image
+        return (
+            (shape, color, place, seed),
+            problem,
+            f"There is one lesion. answer: a {color} lesion in the {place}",
+            image,
+        )
     if task == "math":
         n = rng.randrange(1, 5)
         spots = rng.sample(list(PLACES.values()), n)
         image = draw([(shape, color, spot, 4) for spot in spots], seed=seed)
         problem = "How many shapes are in the picture? Count them and give the number after 'answer:'."
-        return (shape, color, tuple(spots), seed), problem, f"I count the {PLURAL[shape]} one by one. answer: {n}", image
+        return (
+            (shape, color, tuple(spots), seed),
+            problem,
+            f"I count the {PLURAL[shape]} one by one. answer: {n}",
+            image,
+        )
     if task == "OCR":
         code = " ".join(rng.choice(glyphs) for _ in range(2))  # spaced: one token per letter
         image = draw([], glyphs=code.replace(" ", ""), glyph_color=rng.choice(colors[:5]), seed=seed)
@@ -146,8 +200,10 @@ def _sanity_item(task: str, rng: random.Random, pretrain: bool = False):
         return (code, seed), problem, f"The code has two letters. answer: {code}", image
     if task == "science":
         image = draw([(shape, color, PLACES[place], rng.choice([4, 6]))], seed=seed)
-        problem = ("Which shape is shown: circle, square, triangle, cross, diamond or ring? "
-                   "Give the shape name after 'answer:'.")
+        problem = (
+            "Which shape is shown: circle, square, triangle, cross, diamond or ring? "
+            "Give the shape name after 'answer:'."
+        )
         return (shape, color, place, seed), problem, f"The outline has a clear form. answer: {shape}", image
     raise ValueError(f"unknown sanity task {task!r}")
 
@@ -202,7 +258,11 @@ def _pretrain_item(kind: str, rng: random.Random):
     shape, color, place = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(PLACES))
     if kind == "caption":
         r = rng.choice([3, 4, 6])
-        return "Describe the image.", f"a {color} {shape} at the {place}", draw([(shape, color, PLACES[place], r)], seed=s)
+        return (
+            "Describe the image.",
+            f"a {color} {shape} at the {place}",
+            draw([(shape, color, PLACES[place], r)], seed=s),
+        )
     if kind == "count":
         k = rng.randrange(1, 5)
         spots = rng.sample(list(PLACES.values()), k)
@@ -210,13 +270,21 @@ def _pretrain_item(kind: str, rng: random.Random):
         return "Count the shapes.", text, draw([(shape, color, p, 4) for p in spots], seed=s)
     if kind == "read":  # every glyph, new ones too: see PRETRAIN_KINDS
         code = " ".join(rng.choice(list(GLYPHS | NEW_GLYPHS)) for _ in range(2))
-        return "Read the letters.", f"the letters {code} in {color}", draw([], glyphs=code.replace(" ", ""), glyph_color=color, seed=s)
+        return (
+            "Read the letters.",
+            f"the letters {code} in {color}",
+            draw([], glyphs=code.replace(" ", ""), glyph_color=color, seed=s),
+        )
     if kind == "sum":
         a, b = rng.randrange(10), rng.randrange(10)
         return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}", None
     stance = rng.choice(list(FOMC))
     what = rng.choice(FOMC[stance][1])
-    return f"Statement: {rng.choice(FILLERS['pretrain']['speakers'])} will {what}. What is the stance?", f"to {what} is {stance}", None
+    return (
+        f"Statement: {rng.choice(FILLERS['pretrain']['speakers'])} will {what}. What is the stance?",
+        f"to {what} is {stance}",
+        None,
+    )
 
 
 @lru_cache(maxsize=2)
@@ -236,18 +304,22 @@ def pretrain_mixture(seed: int = 0, n: int = 4000) -> tuple[Example, ...]:
 
 def vocabulary() -> list[str]:
     """Every word, digit, punctuation mark and space the sanity stream and pretraining use."""
-    texts = ["USER: <image>\nASSISTANT: answer:", " ".join(GLYPHS | NEW_GLYPHS), " ".join(map(str, range(19))),
-             " ".join(COLORS | NEW_COLORS), " ".join(PLACES), " ".join(HEDGES + WORDS),
-             " ".join(f"{k} {v}" for k, v in PLURAL.items()),
-             " ".join(p for _, core, new in FOMC.values() for p in core + new) + " " + " ".join(FOMC),
-             " ".join(w for fill in FILLERS.values() for words in fill.values() for w in words)]
+    texts = [
+        "USER: <image>\nASSISTANT: answer:",
+        " ".join(GLYPHS | NEW_GLYPHS),
+        " ".join(map(str, range(19))),
+        " ".join(COLORS | NEW_COLORS),
+        " ".join(PLACES),
+        " ".join(HEDGES + WORDS),
+        " ".join(f"{k} {v}" for k, v in PLURAL.items()),
+        " ".join(p for _, core, new in FOMC.values() for p in core + new) + " " + " ".join(FOMC),
+        " ".join(w for fill in FILLERS.values() for words in fill.values() for w in words),
+    ]
     rng = random.Random("vocabulary")  # every template, both kinds of draw
     for task in TASKS:
         texts += [" ".join(_sanity_item(task, rng, pretrain)[1:3]) for pretrain in (False, True) for _ in range(20)]
     texts += [" ".join(_pretrain_item(kind, rng)[:2]) for kind in PRETRAIN_KINDS for _ in range(20)]
     return sorted({tok for t in texts for tok in re.findall(r"\w+|[^\w\s]|\s", t)})
-
-
 
 
 if __name__ == "__main__":
@@ -258,4 +330,5 @@ if __name__ == "__main__":
     for task in sanity_stream():
         if args.task in (None, task.key):
             for ex in task.train[: args.n]:
-                print(f"[{task.key}] image={'yes' if ex.image is not None else 'no'}\n  Q: {ex.problem}\n  A: {ex.solution}")
+                image = "yes" if ex.image is not None else "no"
+                print(f"[{task.key}] image={image}\n  Q: {ex.problem}\n  A: {ex.solution}")

@@ -58,9 +58,18 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\s"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])  # BOS, as Llama's
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", additional_special_tokens=["<image>"], padding_side="left")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+    )  # BOS, as Llama's
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<image>"],
+        padding_side="left",
+    )
 
 
 def _tensor_image(image) -> torch.Tensor:
@@ -70,7 +79,10 @@ def _tensor_image(image) -> torch.Tensor:
 
         with Image.open(image) as im:
             im = im.convert("RGB").resize((sanity.SIZE, sanity.SIZE))
-            image = torch.tensor(list(im.getdata()), dtype=torch.float).view(sanity.SIZE, sanity.SIZE, 3).permute(2, 0, 1) / 255
+            image = (
+                torch.tensor(list(im.getdata()), dtype=torch.float).view(sanity.SIZE, sanity.SIZE, 3).permute(2, 0, 1)
+                / 255
+            )
     return (image - 0.5) / 0.5
 
 
@@ -80,16 +92,36 @@ def tiny_llava(cfg: TinyConfig = TinyConfig()) -> LlavaBundle:
 
     tok = tiny_tokenizer()
     n_image = (cfg.image_size // cfg.patch_size) ** 2
-    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
-                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.heads,
-                              image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
-    text = LlamaConfig(hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
-                       num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-                       vocab_size=len(tok), max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=n_image,
-                         pad_token_id=tok.pad_token_id)
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=2 * cfg.vision_hidden,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.vision_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_intermediate,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        vocab_size=len(tok),
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=n_image,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -98,7 +130,9 @@ def tiny_llava(cfg: TinyConfig = TinyConfig()) -> LlavaBundle:
 
 
 # the files that build and feed the base: the model, its tokenizer and loop; the data; the collator; the embeddings
-_BUILT_FROM = tuple(Path(m.__file__) for m in (sys.modules[__name__], sanity, data, sys.modules[LlavaBundle.__module__]))
+_BUILT_FROM = tuple(
+    Path(m.__file__) for m in (sys.modules[__name__], sanity, data, sys.modules[LlavaBundle.__module__])
+)
 
 
 def _tiny_key(cfg: TinyConfig) -> str:
@@ -133,24 +167,30 @@ def _pretrain(bundle: LlavaBundle, cfg: TinyConfig) -> dict:
     for step in bar:
         if not batches:  # 8 batches at a time from items of similar length: less padding, same data
             pool = sorted(rng.sample(train, 8 * cfg.pretrain_batch), key=lambda ex: len(ex.problem) + len(ex.solution))
-            batches = [pool[i:i + cfg.pretrain_batch] for i in range(0, len(pool), cfg.pretrain_batch)]
+            batches = [pool[i : i + cfg.pretrain_batch] for i in range(0, len(pool), cfg.pretrain_batch)]
             rng.shuffle(batches)
         batch = collate.train(batches.pop())
-        loss = model(inputs_embeds=embed(bundle, batch), attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss = model(
+            inputs_embeds=embed(bundle, batch), attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
         loss.backward()
         optimizer_step(opt, params, cosine_lr(step, cfg.pretrain_steps, 50, cfg.pretrain_lr), clip_norm=1.0)
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     hits: dict[str, list[bool]] = {}
     for i in range(0, len(held_out), 50):
-        chunk = held_out[i:i + 50]
+        chunk = held_out[i : i + 50]
         preds = generate(bundle, collate.prompts(chunk), max_new_tokens=48)
         for p, ex in zip(preds, chunk):
             hits.setdefault(ex.task.removeprefix("pretrain-"), []).append(p.strip() == ex.solution)
     every = [h for kind in hits.values() for h in kind]
-    return {"pretrain_steps": cfg.pretrain_steps, "final_loss": round(loss.item(), 4),
-            "held_out_exact_match": round(100 * sum(every) / len(every), 2), "held_out": len(every),
-            "per_kind": {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())}}
+    return {
+        "pretrain_steps": cfg.pretrain_steps,
+        "final_loss": round(loss.item(), 4),
+        "held_out_exact_match": round(100 * sum(every) / len(every), 2),
+        "held_out": len(every),
+        "per_kind": {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())},
+    }
 
 
 def pretrained_tiny(cache_dir: str | Path = "cache", cfg: TinyConfig = TinyConfig()) -> LlavaBundle:
@@ -162,8 +202,14 @@ def pretrained_tiny(cache_dir: str | Path = "cache", cfg: TinyConfig = TinyConfi
     path = Path(cache_dir) / f"tiny-llava-{_tiny_key(cfg)}"
     if (path / "model.safetensors").exists():  # no random model built first: it would be overwritten
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-        return LlavaBundle(model, tiny_tokenizer(), image_positions(model.config), _tensor_image, name=path.name,
-                           info=json.loads((path / "pretrain.json").read_text()))
+        return LlavaBundle(
+            model,
+            tiny_tokenizer(),
+            image_positions(model.config),
+            _tensor_image,
+            name=path.name,
+            info=json.loads((path / "pretrain.json").read_text()),
+        )
     bundle = tiny_llava(cfg)
     bundle.name = path.name
     print(f"building the pretrained tiny base in {path} (once; cached)")
@@ -174,8 +220,10 @@ def pretrained_tiny(cache_dir: str | Path = "cache", cfg: TinyConfig = TinyConfi
         bundle.info = _pretrain(bundle, cfg) | {"seconds": round(time.time() - start, 1)}
     finally:
         torch.set_num_threads(threads)
-    print(f"tiny base: held-out exact match {bundle.info['held_out_exact_match']:.1f}% "
-          f"(per kind {bundle.info['per_kind']}) after {cfg.pretrain_steps} steps ({bundle.info['seconds']} s)")
+    print(
+        f"tiny base: held-out exact match {bundle.info['held_out_exact_match']:.1f}% "
+        f"(per kind {bundle.info['per_kind']}) after {cfg.pretrain_steps} steps ({bundle.info['seconds']} s)"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def save(folder: Path):
@@ -189,5 +237,3 @@ def pretrained_tiny(cache_dir: str | Path = "cache", cfg: TinyConfig = TinyConfi
             raise
         shutil.rmtree(path.with_name(f".{path.name}.{os.getpid()}.tmp"), ignore_errors=True)
     return bundle
-
-
