@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.flags import Flag
-from engine.processes import rank_world
+from engine.processes import local, rank_world
 from engine.steps import optimizer_step
 from pasmoe import pas_layers
 from pasmoe_fused import FusedPASsMoELinear, stabilization_loss
@@ -130,6 +130,15 @@ class Method:
         self.cfg, self.model, self.stream, self.forward, self.features = cfg, model, stream, forward, features
         self.args = SimpleNamespace(**getattr(cfg, "method_args", {}))  # the method's own flags (Spec.flags)
 
+    @staticmethod
+    def setup_model(model) -> None:
+        """What the method changes in the model before it trains (which parts train, in which dtype); also
+        run on the model built on the meta device, for the memory plan."""
+
+    def sharded(self) -> None:
+        """Called once the model is sharded (FSDP2, --shard): state the method keeps beside the parameters
+        must be sharded alike."""
+
     def begin_task(self, t: int) -> None:
         pass
 
@@ -142,10 +151,13 @@ class Method:
         return embeds, mask
 
     def extra_loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Terms added to the task loss, by name (each is logged). batch holds the collated
-        batch (`input_ids`, `attention_mask`, `labels`, `examples`), the `inputs_embeds` and
-        `logits` of this step, and `n_tokens` and `world`: the global count of answer tokens
-        and the number of processes (task_loss's normalization)."""
+        """Terms added to the task loss, by name (each is logged), for one micro-batch. batch holds the
+        collated micro-batch (`input_ids`, `attention_mask`, `labels`, `examples`), its `inputs_embeds` and
+        `logits`, `n_tokens` and `world` (the step's global count of answer tokens and the number of
+        processes: task_loss's normalization) and `share`, this micro-batch's share of the process's part
+        of the step. A term over answer tokens is divided by n_tokens and multiplied by world, as the task
+        loss; any other term (a penalty on the parameters, a mean over the batch) is multiplied by share,
+        so that the micro-batches of a step add up to it once."""
         return {}
 
     def evaluating(self, examples: list):
@@ -174,7 +186,7 @@ class Stabilized(Method):
     each layer's weights w (importance; PermutedWeights, UniformWeights for the ablations)."""
 
     def extra_loss(self, batch):
-        return {"stab": stabilization_loss(self.model)}
+        return {"stab": batch["share"] * stabilization_loss(self.model)}
 
 
 class Replay(Method):
@@ -226,10 +238,18 @@ def answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits[:, :-1][labels[:, 1:] != -100]
 
 
-def _grads(scalar: torch.Tensor, params: dict) -> dict[str, torch.Tensor]:
-    """d scalar / d each parameter, zeros for parameters it does not depend on."""
-    grads = torch.autograd.grad(scalar, list(params.values()), allow_unused=True)
-    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
+def _grads(scalar: torch.Tensor, params: dict, sharded: bool) -> dict[str, torch.Tensor]:
+    """d scalar / d each parameter, zeros for parameters it does not depend on. Sharded (FSDP2): through
+    backward, which leaves each rank its shard of the gradient averaged over the ranks (autograd.grad cannot
+    reach the sharded parameters: a forward computes with gathered copies)."""
+    if not sharded:
+        grads = torch.autograd.grad(scalar, list(params.values()), allow_unused=True)
+        return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
+    scalar.backward()
+    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    return grads
 
 
 def _all_reduce(tensors: list[torch.Tensor]) -> None:
@@ -250,23 +270,38 @@ class _Consolidation(Method):
         super().__init__(cfg, model, stream, forward, features)
         self.importance: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
+        self.shard = getattr(cfg, "shard", False)
 
     def per_example(self, params: dict, example) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def sharded(self):
+        """F and the anchors shaped as the sharded parameters (a resumed run loads them whole)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        params = adapter_params(self.model)
+        self.importance = {
+            n: distribute_tensor(v, params[n].device_mesh, params[n].placements) for n, v in self.importance.items()
+        }
+        self.anchor = {
+            n: distribute_tensor(v, params[n].device_mesh, params[n].placements) for n, v in self.anchor.items()
+        }
+
     def task_importance(self, examples: list) -> dict[str, torch.Tensor]:
-        """F_t: the mean over `examples` of per_example, one example at a time (each process
-        takes its share under DDP; the sums are all-reduced)."""
+        """F_t: the mean over `examples` of per_example, one example at a time. Under DDP each process takes
+        its share and the sums are all-reduced; under FSDP2 (--shard) every process takes every example, in
+        step, and keeps its shard of each sum (the pass then takes as long as on one GPU: deviation 3)."""
         params = adapter_params(self.model)
         total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        rank, world = rank_world()
+        rank, world = (0, 1) if self.shard else rank_world()
         was_training = self.model.training
         self.model.eval()  # no dropout: the importance of the parameters that ended the task
         for ex in examples[rank::world]:
             for n, g in self.per_example(params, ex).items():
                 total[n] += g.float()
         self.model.train(was_training)
-        _all_reduce(list(total.values()))
+        if not self.shard:
+            _all_reduce(list(total.values()))
         return {n: v / len(examples) for n, v in total.items()}
 
     def end_task(self, t):
@@ -279,11 +314,11 @@ class _Consolidation(Method):
         lam = getattr(self.args, self.strength)
         if not self.anchor:  # before the first task ends
             return {"consolidation": torch.zeros((), device=batch["logits"].device)}
-        total = sum(
-            (self.importance[n] * (p.float() - self.anchor[n]).square()).sum()
+        total = sum(  # local: under FSDP2 each rank's shard (its gradient is that shard's; the sum is logged)
+            (local(self.importance[n]) * (local(p).float() - local(self.anchor[n])).square()).sum()
             for n, p in adapter_params(self.model).items()
         )
-        return {"consolidation": lam / 2 * total}
+        return {"consolidation": batch["share"] * lam / 2 * total}
 
     def state_dict(self):
         return {f"importance.{n}": v for n, v in self.importance.items()} | {
@@ -307,7 +342,7 @@ class EWC(_Consolidation):
         logits, labels = self.forward([example])
         keep = labels[:, 1:] != -100
         loss = F.cross_entropy(answer_logits(logits, labels).float(), labels[:, 1:][keep])
-        return {n: g.square() for n, g in _grads(loss, params).items()}
+        return {n: g.square() for n, g in _grads(loss, params, self.shard).items()}
 
 
 class MAS(_Consolidation):
@@ -323,7 +358,7 @@ class MAS(_Consolidation):
     def per_example(self, params, example):
         logits, labels = self.forward([example])
         energy = answer_logits(logits, labels).float().square().sum()
-        return {n: g.abs() for n, g in _grads(energy, params).items()}
+        return {n: g.abs() for n, g in _grads(energy, params, self.shard).items()}
 
 
 def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -408,7 +443,8 @@ class OLoRA(Method):
             if self.t > 0:
                 ortho = ortho + (A_new @ layer.lora_A[0, : now.start].float().T).abs().sum()
             norm = norm + A_new.square().sum() + layer.lora_B[0, :, now].float().square().sum()
-        return {"orthogonal": self.args.olora_lambda1 * ortho, "l2": self.args.olora_lambda2 * norm}
+        share = batch["share"]
+        return {"orthogonal": share * self.args.olora_lambda1 * ortho, "l2": share * self.args.olora_lambda2 * norm}
 
     def end_task(self, t):
         for hook in self.hooks:
@@ -428,6 +464,11 @@ class SeqFT(Method):
 
     def __init__(self, cfg, model, stream, forward=None, features=None):
         super().__init__(cfg, model, stream, forward, features)
+        self.setup_model(model)
+
+    @staticmethod
+    def setup_model(model):
+        """What seqft trains, unfrozen and in fp32 (also on the meta device, for the memory plan)."""
         for name, module in model.named_modules():
             if name in ("model.language_model", "lm_head", "model.multi_modal_projector"):
                 module.float().requires_grad_(True)
@@ -494,7 +535,7 @@ class L2P(Method):
         unused = sum(
             key.sum() for key in self.pool.keys.values()
         )  # the other modality's keys too (times 0): DDP wants every parameter in the graph
-        return {"pull": -self.pull * self._pull + 0.0 * unused}
+        return {"pull": batch["share"] * (-self.pull * self._pull) + 0.0 * unused}
 
 
 # ---- one expert per task, picked at inference: HiDe-LLaVA, DDAS ----
@@ -723,6 +764,8 @@ class Spec:
     layer_args: tuple = ()  # its extra arguments, taken from the method's flags or the run's (seed)
     stabilize: bool = False  # Eq. 11 on the PASs layers (lambda_a, lambda_b, weight_clip apply)
     flags: dict = field(default_factory=dict)  # name -> engine.Flag, values in cfg.method_args
+    shardable: bool = False  # runs under FSDP2 (--shard)
+    state_copies: float = 0  # adapter-sized fp32 tensors it keeps besides the model (the memory plan)
 
 
 GAMMA = "F <- gamma F + F_t after each task (1: a sum over tasks; < 1: online EWC, Schwarz et al. 2018)"
@@ -740,10 +783,11 @@ METHODS = {  # the paper's Tables 1, 2 and 7, and the bounds
             "top_k": Flag(2, "experts kept per token (no source gives k for the paper's Top-k row; 2 is ours)", min=1)
         },
     ),
-    "seqlora": Spec(Method, adapters="one"),  # one plain LoRA of the same total rank
+    "seqlora": Spec(Method, adapters="one", shardable=True),  # one plain LoRA of the same total rank
     "replay": Spec(
         Replay,
         adapters="one",
+        shardable=True,
         flags={
             "replay_fraction": Flag(
                 0.1,
@@ -754,10 +798,12 @@ METHODS = {  # the paper's Tables 1, 2 and 7, and the bounds
             )
         },
     ),
-    "joint": Spec(Joint, adapters="one"),
+    "joint": Spec(Joint, adapters="one", shardable=True),
     "ewc": Spec(
         EWC,
         adapters="one",
+        shardable=True,
+        state_copies=2,
         flags={
             "ewc_lambda": Flag(
                 3e7, "lambda of (lambda/2) sum F (theta - theta*)^2 (DESIGN.md 7: how it was set)", min=0
@@ -768,6 +814,8 @@ METHODS = {  # the paper's Tables 1, 2 and 7, and the bounds
     "mas": Spec(
         MAS,
         adapters="one",
+        shardable=True,
+        state_copies=2,
         flags={
             "mas_lambda": Flag(1.0, "lambda of (lambda/2) sum Omega (theta - theta*)^2 (Aljundi et al. 2018)", min=0),
             "mas_gamma": Flag(1.0, GAMMA.replace("F", "Omega"), min=0, max=1),
@@ -776,6 +824,7 @@ METHODS = {  # the paper's Tables 1, 2 and 7, and the bounds
     "lwf": Spec(
         LwF,
         adapters="one",
+        state_copies=1,
         flags={
             "lwf_lambda": Flag(1.0, "weight of the distillation term (Li and Hoiem 2016)", min=0),
             "lwf_temperature": Flag(2.0, "softmax temperature T of the distillation (Li and Hoiem 2016)", above=0),
@@ -789,7 +838,7 @@ METHODS = {  # the paper's Tables 1, 2 and 7, and the bounds
             "olora_lambda2": Flag(0.0, "weight of the new slice's squared norm (O-LoRA's code)", min=0),
         },
     ),
-    "seqft": Spec(SeqFT, adapters=None),
+    "seqft": Spec(SeqFT, adapters=None, shardable=True),
     "l2p": Spec(L2P, adapters=None),
     "hide": Spec(HiDe, adapters="per-task", layer=ChosenExperts),
     "ddas": Spec(DDAS, adapters="per-task", layer=ChosenExperts),

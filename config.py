@@ -1,10 +1,14 @@
-"""A run's settings: every flag with its help and allowed values, the paper's recipe, what each method's
-adapters are, and the checks that stop a bad command line before anything loads.
+"""A run's settings and everything that can be known before it trains: every flag with its help and allowed
+values, the paper's recipe, the tasks and the model with the method's adapters that the settings build,
+and the checks that stop a bad run before it loads its weights.
 
-    RunConfig       one field per flag (engine.flags.flag: default, help, range); a method's own flags
-                    are declared with the method (baselines.Spec.flags) and kept in method_args
-    adapters(cfg)   the PASs layers' config and class for the chosen method
-    parse_args      the command line: flags, the recipe preset, --resume, every check, in one line each
+    RunConfig           one field per flag (engine.flags.flag: default, help, range); a method's own flags
+                        are declared with the method (baselines.Spec.flags) and kept in method_args
+    adapters(cfg)       the PASs layers' config and class for the chosen method
+    load_tasks, load_model   the stream's tasks; the base model with the method's adapters
+    check_stream        every image decodes, every prompt fits (before the first step)
+    memory_plan         the memory per GPU, counted on the meta device; dry_run prints it (--dry-run)
+    parse_args          the command line: flags, the recipe preset, --resume, every check, one line each
 """
 
 from __future__ import annotations
@@ -17,10 +21,18 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 import data
+import llava_wrap
 from baselines import METHODS
+from engine import memory
 from engine.flags import Parser, add_flags, dataclass_flags, flag
+from engine.processes import is_main
+from engine.steps import seed_everything
 from pasmoe import PASsConfig
+from toy import sanity, tiny_llava
 
 PAPER_RECIPE = dict(
     num_experts=6,
@@ -35,6 +47,7 @@ PAPER_RECIPE = dict(
     eval="diag-last",
     max_new_tokens=512,
     mixture_scale="paper",
+    eval_batch_size=16,  # ours: generation's KV cache at 16 x 2048 tokens is 16 GiB (48 would be 48 GiB)
 )
 
 
@@ -55,7 +68,7 @@ class RunConfig:
     order: str = flag("A", "task order: A (the paper's), B (its reverse), C, D (ours), or comma-separated task keys")
     # the adapters (pasmoe.PASsConfig)
     num_experts: int = flag(6, "E, experts per layer (seqlora and its kin: one LoRA of rank E * rank)", min=1)
-    rank: int = flag(4, "rank per expert", min=1)
+    rank: int = flag(4, "rank r of each expert (the adapters have rank E x r in all)", min=1)
     total_rank: int | None = flag(None, "instead of --rank: a total rank split over the experts", min=1)
     alpha: float = flag(8.0, "LoRA alpha of one expert at --mixture-scale paper (scaling alpha / rank)", above=0)
     mixture_scale: str = flag(
@@ -75,8 +88,14 @@ class RunConfig:
     train_projector: bool = flag(False, "also train the vision-language projector (the paper trains adapters only)")
     # training
     lr: float = flag(1.5e-3, "peak learning rate of each task (the sanity stream's calibrated setting)", above=0)
-    epochs: int = flag(4, "epochs per task", min=1)
-    batch_size: int = flag(8, "global batch (split over the processes)", min=1)
+    epochs: int = flag(4, "passes over a task's training items", min=1)
+    batch_size: int = flag(8, "global batch: split over the processes, and into micro-batches", min=1)
+    micro_batch_size: int | None = flag(
+        None,
+        "sequences per forward on one GPU; the global batch is reached by accumulating gradients "
+        "(default: all of this GPU's part of a batch at once)",
+        min=1,
+    )
     warmup_ratio: float = flag(0.03, "share of each task's steps spent warming up", min=0, max=1)
     weight_decay: float = flag(0.0, "AdamW's weight decay", min=0)
     clip_norm: float = flag(1.0, "gradient clipping (global norm)", above=0)
@@ -97,6 +116,24 @@ class RunConfig:
     eval_batch_size: int = flag(48, "prompts per generation batch", min=1)
     max_new_tokens: int = flag(32, "generation budget per answer", min=1)
     probe_size: int = flag(8, "test items per task whose gates are kept for the router-drift analysis", min=1)
+    # the engine, and the memory plan
+    shard: bool = flag(
+        False,
+        "FSDP2: decoder layers and LM head sharded over the GPUs, for what does not fit one "
+        "GPU under DDP (seqft, ewc, mas; also seqlora, replay, joint)",
+    )
+    dry_run: bool = flag(
+        False,
+        "check the data, build the model on the meta device (no weights read), print the "
+        "memory per GPU, and stop: exit 0 if it fits, 1 with the flag to change if not",
+    )
+    gpus: int | None = flag(None, "--dry-run: plan for this many GPUs (default: the processes of this run)", min=1)
+    gpu_memory: float | None = flag(None, "--dry-run: plan for GPUs of this many GiB (default: this GPU's)", above=0)
+    keep_checkpoints: str = flag(
+        "all",
+        "all: every task's checkpoint (the analyses read them); last: only the newest (what --resume needs)",
+        choices=("all", "last"),
+    )
     # the run
     device: str | None = flag(None, "cpu or cuda (default: cuda if available)")
     seed: int = flag(0, "seeds the adapters' init, the data order and the method's draws", min=0)
@@ -130,6 +167,120 @@ def adapters(cfg: RunConfig) -> tuple[PASsConfig, object] | None:
     )
     given = cfg.method_args | {"seed": cfg.seed}
     return pas, partial(spec.layer, **{name: given[name] for name in spec.layer_args})
+
+
+# ---- what the settings build, and whether it fits ----
+
+
+def load_tasks(cfg: RunConfig) -> list[data.Task]:
+    """The stream's tasks in training order; --limit keeps the first N items of each split."""
+    if cfg.stream == "sanity":
+        tasks = sanity.sanity_stream(cfg.seed, cfg.order, cfg.n_train, cfg.n_test)
+    else:
+        tasks = data.load_ctbench(cfg.data_root, cfg.order, cfg.image_root)
+    return [data.Task(t.key, t.train[: cfg.limit], t.test[: cfg.limit]) for t in tasks]
+
+
+def load_model(cfg: RunConfig, device: torch.device) -> llava_wrap.LlavaBundle:
+    """The base (the tiny one is built once by rank 0 and cached), then the method's adapters."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    if cfg.model == "tiny" and device.type == "meta":  # shapes only: the memory plan
+        with torch.device("meta"):
+            bundle = tiny_llava.tiny_llava(tiny_llava.TinyConfig(pretrain_steps=cfg.tiny_pretrain_steps))
+    elif cfg.model == "tiny":
+        if not is_main():
+            dist.barrier()  # rank 0 builds an uncached base; the others then load it
+        bundle = tiny_llava.pretrained_tiny(
+            cfg.cache_dir, tiny_llava.TinyConfig(pretrain_steps=cfg.tiny_pretrain_steps)
+        )
+        if is_main() and dist.is_initialized():
+            dist.barrier()
+        bundle.model.to(device=device, dtype=dtype)
+    else:
+        bundle = llava_wrap.load_llava(cfg.model, dtype=dtype, device=device)
+    seed_everything(cfg.seed)  # the adapters' init: the same on every path and every rank
+    if (built := adapters(cfg)) is None:  # no adapters: the method unfreezes or adds what it trains
+        bundle.model.requires_grad_(False)
+    else:
+        llava_wrap.add_adapters(
+            bundle.model, built[0], layer_class=built[1], train_projector=cfg.train_projector, verbose=is_main()
+        )
+    if cfg.gradient_checkpointing:
+        bundle.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return bundle
+
+
+def memory_plan(cfg: RunConfig, tasks: list, world: int, device: torch.device | None) -> tuple[dict, str]:
+    """The memory per GPU of this run (engine.memory), counted on the model built on the meta device, and
+    what to change if it does not fit this GPU (device) or GPUs of --gpu-memory GiB."""
+    bundle = load_model(cfg, torch.device("meta"))
+    spec = METHODS[cfg.method]
+    spec.cls.setup_model(bundle.model)
+    collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
+    longest = max(collate.length(ex)[0] for t in tasks for ex in t.test)
+    setting = memory.Setting(
+        world,
+        cfg.shard,
+        cfg.micro_batch_size or -(-cfg.batch_size // world),
+        cfg.max_length,
+        cfg.gradient_checkpointing,
+        cfg.eval_batch_size,
+        longest + cfg.max_new_tokens,
+        spec.state_copies,
+    )
+    text = bundle.model.config.text_config
+    rows = memory.plan(bundle.model, text, setting)
+    rows["one task checkpoint"] = memory.checkpoint_bytes(bundle.model, spec.state_copies) / memory.GIB
+    capacity = (
+        cfg.gpu_memory * memory.GIB
+        if cfg.gpu_memory
+        else device and torch.cuda.get_device_properties(device).total_memory
+    )
+    return rows, memory.advice(bundle.model, text, setting, capacity, spec.shardable) if capacity else ""
+
+
+def check_stream(cfg: RunConfig, tasks, bundle, collate) -> dict | data.DataError:
+    """Before the first step: every image decodes, every prompt fits (data.check_stream)."""
+    roots = (Path(cfg.image_root), Path(cfg.data_root)) if cfg.stream == "ctbench" else None
+    context = bundle.model.config.text_config.max_position_embeddings
+    try:
+        return data.check_stream(tasks, collate, cfg.max_length, context, cfg.max_new_tokens, roots)
+    except data.DataError as err:
+        hint = (
+            "\n  (--stream ctbench without --recipe paper trains with the sanity stream's --max-length "
+            f"{cfg.max_length}; --recipe paper sets the paper's, 1536)"
+            if cfg.stream == "ctbench" and not cfg.recipe
+            else ""
+        )
+        return data.DataError(f"{err}{hint}")
+
+
+def dry_run(cfg: RunConfig) -> int:
+    """--dry-run: the data checked and the memory per GPU planned on the meta device, no weight read.
+    Returns the exit code: 0 if the run fits (or no GPU size is known), 1 if not."""
+    tasks = load_tasks(cfg)
+    world, device = cfg.gpus or int(os.environ.get("WORLD_SIZE", 1)), None
+    if torch.cuda.is_available() and not cfg.gpu_memory:
+        device = torch.device("cuda", torch.cuda.current_device())
+    bundle = load_model(cfg, torch.device("meta"))
+    if (
+        problem := check_stream(
+            cfg, tasks, bundle, data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
+        )
+    ) and isinstance(problem, Exception):
+        raise problem
+    rows, too_big = memory_plan(cfg, tasks, world, device)
+    engine = "FSDP2" if cfg.shard else "DDP" if world > 1 else "one process"
+    print(f"{cfg.method} on {world} GPU(s), {engine}: memory per GPU")
+    print("\n".join(f"  {what:<44} {gib:8.2f} GiB" for what, gib in rows.items()))
+    print(
+        f"does not fit: {too_big}"
+        if too_big
+        else "fits"
+        if device or cfg.gpu_memory
+        else "no GPU here: --gpu-memory GIB checks a size"
+    )
+    return 1 if too_big else 0
 
 
 # ---- the command line: every flag checked before anything loads ----
@@ -177,6 +328,7 @@ def read_by(cfg: RunConfig) -> dict[str, tuple[bool, str]]:
         **dict.fromkeys(("temperature", "mixture_scale", "probe_size"), (spec.adapters == "mixture", mixing)),
         **dict.fromkeys(("lambda_a", "lambda_b", "weight_clip"), (spec.stabilize, stabilized)),
         **{k: (name == cfg.method, f"--method {name}") for name, other in METHODS.items() for k in other.flags},
+        **dict.fromkeys(("gpus", "gpu_memory"), (cfg.dry_run, "--dry-run")),
     }
 
 
@@ -216,9 +368,12 @@ def settings_problems(cfg: RunConfig, given: dict, flags: dict) -> list[str]:
         )
     if cfg.recipe == "paper" and cfg.model == "tiny":
         problems.append("--recipe paper is LLaVA-1.5-7B's: add --model llava-hf/llava-1.5-7b-hf (or a local copy)")
-    if cfg.batch_size % int(os.environ.get("WORLD_SIZE", 1)):
-        problems.append(f"--batch-size {cfg.batch_size} must be a multiple of the {os.environ['WORLD_SIZE']} processes")
-    if Path(cfg.out).exists():
+    if cfg.batch_size < int(os.environ.get("WORLD_SIZE", 1)):
+        problems.append(f"--batch-size {cfg.batch_size} is smaller than the {os.environ['WORLD_SIZE']} processes")
+    if cfg.shard and not spec.shardable:
+        shardable = ", ".join(name for name, other in METHODS.items() if other.shardable)
+        problems.append(f"--shard: {cfg.method} runs under DDP only (its memory: --dry-run); sharded: {shardable}")
+    if Path(cfg.out).exists() and not cfg.dry_run:
         problems.append(f"--out {cfg.out} exists: choose another, or --resume it")
     return problems
 

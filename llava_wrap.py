@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
+from engine.processes import full, is_main, shard
 from engine.runs import atomic_write
 from pasmoe import PASsConfig, PASsMoELinear, inject, pas_layers
 
@@ -108,13 +109,17 @@ def image_positions(config) -> int:
 
 
 def load_llava(name_or_path: str = "llava-hf/llava-1.5-7b-hf", dtype=torch.bfloat16, device=None) -> LlavaBundle:
-    """LLaVA-1.5 from a local directory (llava-hf's layout) or the hub. About 14 GB of weights
-    in bf16; `python llava_wrap.py plan` gives the memory of training it with adapters."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """LLaVA-1.5 from a local directory (llava-hf's layout) or the hub: about 14 GB of weights in bf16.
+    On the meta device only its config.json and processor are read (shapes, no memory: the memory plan)."""
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
     try:
         processor = AutoProcessor.from_pretrained(name_or_path)
-        model = LlavaForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
+        if torch.device(device or "cpu").type == "meta":
+            with torch.device("meta"):
+                model = LlavaForConditionalGeneration(AutoConfig.from_pretrained(name_or_path)).to(dtype)
+        else:
+            model = LlavaForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
     except OSError as err:  # no such folder, no network for a hub name, missing files
         raise ModelError(
             f"--model {name_or_path}: cannot load it ({str(err).splitlines()[0]}); give a local folder "
@@ -149,7 +154,7 @@ def load_llava(name_or_path: str = "llava-hf/llava-1.5-7b-hf", dtype=torch.bfloa
 
 
 def llava_15_7b_config():
-    """The configuration of llava-hf/llava-1.5-7b-hf (CLIP-L/14-336 + Llama-2-7B width)."""
+    """The configuration in llava-hf/llava-1.5-7b-hf's config.json (CLIP-L/14-336 and a Llama-2-7B)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(
@@ -168,6 +173,8 @@ def llava_15_7b_config():
         num_attention_heads=32,
         num_key_value_heads=32,
         vocab_size=32064,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
     )
     return LlavaConfig(
         vision_config=vision,
@@ -175,39 +182,8 @@ def llava_15_7b_config():
         image_token_index=32000,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
+        pad_token_id=32001,
     )
-
-
-def plan(cfg: PASsConfig | None) -> dict:
-    """Parameter counts and static memory of LLaVA-1.5-7B with these adapters (cfg None: full
-    fine-tuning of the language model and projector, seqft's), from the model built on the meta
-    device (no memory used). Activations come on top."""
-    from transformers import LlavaForConditionalGeneration
-
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(llava_15_7b_config())
-    if cfg is None:
-        model.requires_grad_(False)
-        for part in (model.model.language_model, model.lm_head, model.get_submodule(PROJECTOR)):
-            part.requires_grad_(True)
-    else:
-        add_adapters(model, cfg, verbose=False)
-    trainable, total = count_parameters(model)
-    frozen, gib = total - trainable, 2**30
-    found = {
-        "frozen weights (bf16)": 2 * frozen / gib,
-        "trained weights (fp32)": 4 * trainable / gib,
-        "gradients (fp32)": 4 * trainable / gib,
-        "AdamW moments (fp32)": 8 * trainable / gib,
-    }
-    if cfg is not None:  # Eq. 11 keeps nothing for backward (pasmoe._WeightedDrift recomputes the drift);
-        # its only memory is a transient fp32 difference and its square for one A or B at a time
-        largest = max(t.numel() for layer in pas_layers(model).values() for t in (layer.lora_A, layer.lora_B))
-        found |= {
-            "anchors (fp32)": 4 * trainable / gib,
-            "Eq. 11 transient (fp32, one tensor at a time)": 2 * 4 * largest / gib,
-        }
-    return {"trainable": trainable, "frozen": frozen, "GiB": found}
 
 
 # ---- feeding the model ----
@@ -304,8 +280,9 @@ def forward(bundle: LlavaBundle, batch: dict, model: nn.Module | None = None) ->
 
 
 @torch.no_grad()
-def generate(bundle: LlavaBundle, batch: dict, max_new_tokens: int = 64) -> list[str]:
-    """Greedy answers for a left-padded prompt batch (data.Collator.prompts)."""
+def generate(bundle: LlavaBundle, batch: dict, max_new_tokens: int = 64, synced: bool = False) -> list[str]:
+    """Greedy answers for a left-padded prompt batch (data.Collator.prompts). synced: every rank decodes until
+    all are done (FSDP2 gathers weights in every forward, so the ranks' forwards must match)."""
     model, tok = bundle.model, bundle.tokenizer
     was_training = model.training
     model.eval()
@@ -315,11 +292,12 @@ def generate(bundle: LlavaBundle, batch: dict, max_new_tokens: int = 64) -> list
         attention_mask=mask,
         max_new_tokens=max_new_tokens,
         do_sample=False,
+        synced_gpus=synced,
         suppress_tokens=[model.config.image_token_index],
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
     )
-    model.train(was_training)
+    model.train(was_training)  # not in a finally: after an exception the run stops anyway
     return tok.batch_decode(out, skip_special_tokens=True)  # given embeddings, generate returns the new tokens only
 
 
@@ -397,7 +375,7 @@ def _base_fingerprint(model: nn.Module) -> str:
     return f"{text.model_type}-h{text.hidden_size}-l{text.num_hidden_layers}-v{text.vocab_size}"
 
 
-def save_adapters(model: nn.Module, path: str | Path, meta: dict | None = None) -> None:
+def save_adapters(model: nn.Module, path: str | Path, meta: dict | None = None, tensors: dict | None = None) -> None:
     """Write adapters + PASs config as safetensors, atomically (temp file, then rename)."""
     layers = pas_layers(model)
     cfg = asdict(next(iter(layers.values())).cfg) if layers else None  # None: a method without adapters
@@ -408,7 +386,7 @@ def save_adapters(model: nn.Module, path: str | Path, meta: dict | None = None) 
         "meta": json.dumps(meta or {}),
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_tensors(adapter_state(model), path, header)
+    save_tensors(adapter_state(model) if tensors is None else tensors, path, header)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
@@ -417,6 +395,32 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def save_task(model: nn.Module, method_state: dict, folder: Path, t: int, key: str, keep_last: bool) -> None:
+    """A finished task's checkpoint: folder/task{t}.safetensors (what trains and tracks) and, for methods with
+    state of their own (EWC, MAS, HiDe-LLaVA, DDAS), method{t}.safetensors. keep_last: the previous task's are
+    removed (resume needs only the newest). Every rank calls it (FSDP2's shards are gathered); rank 0 writes."""
+    trained, method_state = full(adapter_state(model)), full(method_state)
+    if not is_main():
+        return
+    save_adapters(model, folder / f"task{t}.safetensors", {"task": key}, trained)
+    if method_state:
+        save_tensors(method_state, folder / f"method{t}.safetensors")
+    for old in (folder / f"task{t - 1}.safetensors", folder / f"method{t - 1}.safetensors") if keep_last else ():
+        old.unlink(missing_ok=True)
+
+
+def shard_llava(model: nn.Module, bf16: bool) -> None:
+    """FSDP2 over a LLaVA-1.5 (engine.processes.shard): the decoder layers and the LM head sharded; the vision
+    tower, the token embeddings and the projector, which embed() calls before the language model, whole."""
+    lm = model.model
+    shard(
+        model,
+        [*lm.language_model.layers, model.lm_head],
+        [lm.vision_tower, lm.language_model.embed_tokens, lm.multi_modal_projector],
+        bf16,
+    )
 
 
 def read_adapter_header(path: str | Path) -> dict:
@@ -472,28 +476,3 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict:
             if layer.cfg.stabilize:  # the anchors of the task that ended: the adapters (adapter_state)
                 layer.anchor_A.copy_(layer.lora_A), layer.anchor_B.copy_(layer.lora_B)
     return header["meta"]
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description="Plan memory for PASs adapters on LLaVA-1.5-7B (counted on the meta device)."
-    )
-    parser.add_argument("command", choices=["plan"], help="plan: parameter counts and static memory")
-    parser.add_argument("--num-experts", type=int, default=6, help="E (paper: 6)")
-    parser.add_argument("--rank", type=int, default=128, help="rank per expert (paper: 128)")
-    parser.add_argument(
-        "--full", action="store_true", help="full fine-tuning of the language model and projector (seqft)"
-    )
-    args = parser.parse_args()
-    found = plan(
-        None
-        if args.full
-        else PASsConfig(num_experts=args.num_experts, rank=args.rank, gate="pas" if args.num_experts > 1 else "single")
-    )
-    what = "full fine-tuning (seqft)" if args.full else f"E={args.num_experts}, r={args.rank} per expert"
-    print(f"{what}: {found['trainable']:,} trainable, {found['frozen']:,} frozen parameters")
-    for what, size in found["GiB"].items():
-        print(f"  {what:<46} {size:6.1f} GiB")
-    print(f"  {'total before activations':<46} {sum(found['GiB'].values()):6.1f} GiB")

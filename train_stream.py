@@ -16,12 +16,13 @@ The loop, for every method (baselines.py) and both streams:
         checkpoint, then evaluate on the tasks seen so far (row t of the accuracy matrix)
 
 Each task reseeds from (seed, task index), so a run resumed from a task checkpoint repeats an
-uninterrupted one. The run directory, its state and resume are engine.RunDir's; the flags and
-their checks are at the end of this file.
+uninterrupted one. The settings, what they build and their checks are config.py's; the run directory,
+its state and resume engine/runs.py's; processes, sharding and the memory plan engine/'s.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import sys
@@ -40,54 +41,21 @@ import data
 import evaluate
 import llava_wrap
 from baselines import METHODS, answer_logits
-from config import RunConfig, adapters, parse_args
-from engine.processes import data_parallel, init_processes, is_main
-from engine.runs import RunDir, environment
-from engine.steps import StepLog, cosine_lr, optimizer_step
+from config import RunConfig, adapters, check_stream, dry_run, load_model, load_tasks, memory_plan, parse_args
+from engine.processes import (
+    data_parallel,
+    finish_gradients,
+    gather,
+    gradient_sync,
+    init_processes,
+    is_main,
+    lockstep,
+)
+from engine.runs import RunDir, RunDirError, environment
+from engine.steps import StepLog, cosine_lr, micro_batches, optimizer_step, seed_everything
 from pasmoe import end_task, pas_layers, track_importance
-from toy import sanity, tiny_llava
 
 # ---- setup ----
-
-
-def load_tasks(cfg: RunConfig) -> list[data.Task]:
-    """The stream's tasks in training order; --limit keeps the first N items of each split."""
-    if cfg.stream == "sanity":
-        tasks = sanity.sanity_stream(cfg.seed, cfg.order, cfg.n_train, cfg.n_test)
-    else:
-        tasks = data.load_ctbench(cfg.data_root, cfg.order, cfg.image_root)
-    return [data.Task(t.key, t.train[: cfg.limit], t.test[: cfg.limit]) for t in tasks]
-
-
-def load_model(cfg: RunConfig, device: torch.device) -> llava_wrap.LlavaBundle:
-    """The base (the tiny one is built once by rank 0 and cached), then the method's adapters."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    if cfg.model == "tiny":
-        if not is_main():
-            dist.barrier()  # rank 0 builds an uncached base; the others then load it
-        bundle = tiny_llava.pretrained_tiny(
-            cfg.cache_dir, tiny_llava.TinyConfig(pretrain_steps=cfg.tiny_pretrain_steps)
-        )
-        if is_main() and dist.is_initialized():
-            dist.barrier()
-        bundle.model.to(device=device, dtype=dtype)
-    else:
-        bundle = llava_wrap.load_llava(cfg.model, dtype=dtype, device=device)
-    seed_everything(cfg.seed)  # the adapters' init: the same on every path and every rank
-    if (built := adapters(cfg)) is None:  # no adapters: the method unfreezes or adds what it trains
-        bundle.model.requires_grad_(False)
-    else:
-        llava_wrap.add_adapters(
-            bundle.model, built[0], layer_class=built[1], train_projector=cfg.train_projector, verbose=is_main()
-        )
-    if cfg.gradient_checkpointing:
-        bundle.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return bundle
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -111,6 +79,8 @@ def setup(cfg: RunConfig, resume: bool) -> tuple[Run, dict]:
     """Processes, tasks, model, the preflight, the method, and the state (fresh or resumed)."""
     rank, world, device = init_processes(cfg.device)
     tasks = load_tasks(cfg)
+    if device.type == "cuda" and (too_big := memory_plan(cfg, tasks, world, device)[1]):
+        raise llava_wrap.ModelError(f"this run does not fit its GPUs (nothing was loaded): {too_big}")
     bundle = load_model(cfg, device)
     collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
     kept = llava_wrap.cache_vision_features(bundle, [ex for t in tasks for ex in t.train + t.test])
@@ -124,59 +94,40 @@ def setup(cfg: RunConfig, resume: bool) -> tuple[Run, dict]:
     bundle.input_hook = method.inputs
     run = Run(cfg, RunDir(cfg.out), rank, world, device, tasks, bundle, bundle.model, collate, method, checked[0])
     state = open_run(run, resume, kept)
-    if world > 1:  # after the method made its parameters and the resumed state is in
+    if cfg.shard:  # after the method made its parameters and the resumed state is in (both as whole tensors)
+        llava_wrap.shard_llava(bundle.model, cfg.dtype == "bfloat16")
+        method.sharded()
+    elif world > 1:
         run.model = data_parallel(bundle.model, device)
     return run, state
 
 
-def check_stream(cfg: RunConfig, tasks, bundle, collate) -> dict | data.DataError:
-    """Before the first step: every image decodes, every prompt fits (data.check_stream)."""
-    roots = (Path(cfg.image_root), Path(cfg.data_root)) if cfg.stream == "ctbench" else None
-    context = bundle.model.config.text_config.max_position_embeddings
-    try:
-        return data.check_stream(tasks, collate, cfg.max_length, context, cfg.max_new_tokens, roots)
-    except data.DataError as err:
-        hint = (
-            "\n  (--stream ctbench without --recipe paper trains with the sanity stream's --max-length "
-            f"{cfg.max_length}; --recipe paper sets the paper's, 1536)"
-            if cfg.stream == "ctbench" and not cfg.recipe
-            else ""
-        )
-        return data.DataError(f"{err}{hint}")
-
-
 def open_run(run: Run, resume: bool, kept: str) -> dict:
-    """A fresh run directory with the full config, or the state of the one being resumed: adapters and
-    method state of its last finished task loaded, log lines of unfinished tasks dropped."""
+    """A fresh run directory with the full config, or the state of the one being resumed, with the adapters
+    and the method's state of its last finished task loaded (engine.runs.RunDir)."""
     cfg, T = run.cfg, len(run.tasks)
-    state = run.dir.state(T)
-    if resume and state["completed"]:
-        llava_wrap.load_adapters(run.bundle.model, run.dir.path / "ckpt" / f"task{state['completed']}.safetensors")
-        saved = run.dir.path / "ckpt" / f"method{state['completed']}.safetensors"
-        if saved.exists():
+    built = adapters(cfg)
+    fresh = asdict(cfg) | {
+        "pas_config": asdict(built[0]) if built else None,
+        "base": run.bundle.name,
+        "base_info": run.bundle.info,
+        "tasks": [t.key for t in run.tasks],
+        "world_size": run.world,
+    }
+    state = run.dir.open(None if resume else fresh | environment(run.device), T, {"image_root": cfg.image_root})
+    if done := state["completed"]:
+        llava_wrap.load_adapters(run.bundle.model, run.dir.path / "ckpt" / f"task{done}.safetensors")
+        if (saved := run.dir.path / "ckpt" / f"method{done}.safetensors").exists():
             run.method.load_state_dict(load_file(saved, device=str(run.device)))
-    if is_main() and resume:
-        print(f"resuming {run.dir.path} after task {state['completed']} of {T}")
-        if run.dir.config()["image_root"] != cfg.image_root:  # a path may move between attempts
-            run.dir.write_json("config.json", run.dir.config() | {"image_root": cfg.image_root})
-    elif is_main():
-        built = adapters(cfg)
-        run.dir.create(
-            asdict(cfg)
-            | {
-                "pas_config": asdict(built[0]) if built else None,
-                "base": run.bundle.name,
-                "base_info": run.bundle.info,
-                "tasks": [t.key for t in run.tasks],
-                "world_size": run.world,
-            }
-            | environment(run.device)
-        )
-        state["truncated"] = {k: c["sequences"] for k, c in run.cut.items()}
-        trainable = sum(p.numel() for p in run.bundle.model.parameters() if p.requires_grad)
-        print(f"{kept}\nrun directory {run.dir.path}; {cfg.method}: {trainable:,} trainable parameters")
     if is_main():
-        run.dir.open_log([t.key for t in run.tasks[: state["completed"]]])
+        state.setdefault("truncated", {k: c["sequences"] for k, c in run.cut.items()})
+        trainable = sum(p.numel() for p in run.bundle.model.parameters() if p.requires_grad)
+        print(
+            f"resuming {run.dir.path} after task {done} of {T}"
+            if resume
+            else f"{kept}\nrun directory {run.dir.path}; {cfg.method}: {trainable:,} trainable parameters"
+        )
+        run.dir.open_log([t.key for t in run.tasks[:done]])
         print(
             f"{T} tasks, order {cfg.order}: {' -> '.join(t.key for t in run.tasks)}. After each task, the score "
             f"(0-100) on each task seen so far, in this order:"
@@ -197,15 +148,14 @@ def task_loss(
     return F.cross_entropy(answer_logits(logits, labels).float(), targets, reduction="sum") * world / n_label_tokens
 
 
-def batches(examples: list, batch_size: int, seed: int, rank: int, world: int):
-    """Global batches in a seeded order; each rank takes every world-th example of each. A last batch
+def batches(examples: list, batch_size: int, seed: int, world: int):
+    """Global batches in a seeded order (each rank takes its part: engine.steps.micro_batches). A last batch
     smaller than the number of processes is skipped (train_task says so)."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     for i in range(0, len(order), batch_size):
-        chunk = order[i : i + batch_size]
-        if len(chunk) >= world:
-            yield [examples[j] for j in chunk[rank::world]]
+        if len(chunk := order[i : i + batch_size]) >= world:
+            yield [examples[j] for j in chunk]
 
 
 def autocast(cfg: RunConfig, device: torch.device):
@@ -213,30 +163,40 @@ def autocast(cfg: RunConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
 
-def train_step(run: Run, chunk: list) -> tuple[torch.Tensor, dict]:
-    """Forward and backward of one batch: (task loss, the method's terms by name)."""
-    inputs = llava_wrap.to_device(run.collate.train(chunk), run.device)
-    labels = inputs.pop("labels")
-    n_tokens = (labels[:, 1:] != data.IGNORE).sum()
+def train_step(run: Run, batch: list) -> tuple[torch.Tensor, dict]:
+    """Forward and backward of one global batch: this rank's part, micro-batch by micro-batch, the gradients
+    accumulated (and synchronized once, on the last). Returns (task loss, the method's terms), summed."""
+    parts = micro_batches(batch, run.rank, run.world, run.cfg.micro_batch_size)
+    collated = [llava_wrap.to_device(run.collate.train(items), run.device) for items, _ in parts]
+    for b, (_, share) in zip(collated, parts):
+        b["labels"].masked_fill_(torch.tensor(share == 0), data.IGNORE)  # a stand-in micro-batch adds nothing
+    n_tokens = sum((b["labels"][:, 1:] != data.IGNORE).sum() for b in collated)  # the whole step's, all ranks
     if run.world > 1:
         dist.all_reduce(n_tokens)
-    with autocast(run.cfg, run.device):
-        embeds, mask = llava_wrap.inputs(run.bundle, inputs)  # a method may prepend to both (L2P)
-        logits = run.model(inputs_embeds=embeds, attention_mask=mask).logits[:, -labels.shape[1] :]
-        loss = task_loss(logits, labels, n_tokens, run.world)
-        extra = run.method.extra_loss(
-            inputs
-            | {
-                "inputs_embeds": embeds,
-                "attention_mask": mask,
-                "labels": labels,
-                "logits": logits,
-                "n_tokens": n_tokens,
-                "world": run.world,
-            }
-        )
-    (loss + sum(v.to(loss.device) for v in extra.values())).backward()
-    return loss.detach(), {k: v.detach() for k, v in extra.items()}
+    loss, extra = 0.0, {}
+    for i, (inputs, (_, share)) in enumerate(zip(collated, parts)):
+        labels = inputs.pop("labels")
+        with gradient_sync(run.model, last=i == len(parts) - 1), autocast(run.cfg, run.device):
+            embeds, mask = llava_wrap.inputs(run.bundle, inputs)  # a method may prepend to both (L2P)
+            logits = run.model(inputs_embeds=embeds, attention_mask=mask).logits[:, -labels.shape[1] :]
+            part = task_loss(logits, labels, n_tokens, run.world)
+            terms = run.method.extra_loss(
+                inputs
+                | {
+                    "inputs_embeds": embeds,
+                    "attention_mask": mask,
+                    "labels": labels,
+                    "logits": logits,
+                    "n_tokens": n_tokens,
+                    "world": run.world,
+                    "share": share,
+                }
+            )
+            (part + sum(v.to(part.device) for v in terms.values())).backward()
+        loss = loss + part.detach()
+        extra = {k: extra.get(k, 0.0) + v.detach() for k, v in terms.items()}
+    finish_gradients(run.model)
+    return loss, extra
 
 
 def train_task(run: Run, t: int, examples: list) -> None:
@@ -251,26 +211,27 @@ def train_task(run: Run, t: int, examples: list) -> None:
             f"task {t + 1} ({key}): {tail} examples per epoch skipped (last batch smaller than {run.world} processes)"
         )
     total = cfg.epochs * (len(examples) // cfg.batch_size + (tail >= run.world))
-    warmup = max(1, round(cfg.warmup_ratio * total))
-    run.model.train()
     bar = tqdm(
         total=total, desc=f"task {t + 1}/{len(run.tasks)} {key}", disable=None if is_main() else True, leave=False
     )
     log = StepLog(run.dir.log if is_main() else lambda record: None, f"task {t + 1} ({key})", bar)
-    step = 0
-    for epoch in range(cfg.epochs):
-        for chunk in batches(examples, cfg.batch_size, cfg.seed * 1000 + t * 100 + epoch, run.rank, run.world):
-            loss, extra = train_step(run, chunk)
-            lr = cosine_lr(step, total, warmup, cfg.lr)
-            optimizer_step(opt, params, lr, cfg.clip_norm)
-            step += 1
-            shown = loss / run.world  # this rank's share of the global mean
-            if run.world > 1:
-                dist.all_reduce(shown)
-            log.add(
-                {"task": key, "step": step, "lr": lr}, {"loss": loss + sum(extra.values()), "task_loss": shown, **extra}
-            )
-            bar.update()
+    run.model.train()
+    steps = (
+        batch
+        for epoch in range(cfg.epochs)
+        for batch in batches(examples, cfg.batch_size, cfg.seed * 1000 + t * 100 + epoch, run.world)
+    )
+    for step, batch in enumerate(steps):
+        loss, extra = train_step(run, batch)
+        lr = cosine_lr(step, total, max(1, round(cfg.warmup_ratio * total)), cfg.lr)
+        optimizer_step(opt, params, lr, cfg.clip_norm)
+        shown = torch.stack([loss, *extra.values()])
+        if run.world > 1:  # the task loss: a sum of shares; DDP's terms: equal on every rank; FSDP2's: shards
+            dist.all_reduce(shown)
+            shown /= torch.tensor([run.world] + [1 if cfg.shard else run.world] * len(extra), device=shown.device)
+        values = dict(zip(["task_loss", *extra], shown))
+        log.add({"task": key, "step": step + 1, "lr": lr}, {"loss": sum(values.values()), **values})
+        bar.update()
     log.flush()
     bar.close()
 
@@ -283,12 +244,11 @@ def importance_pass(run: Run, task: data.Task) -> None:
         return
     run.bundle.model.eval()
     for chunk in run.collate.by_length(task.train, run.cfg.eval_batch_size):
-        if not (examples := chunk[run.rank :: run.world]):
-            continue
-        batch = llava_wrap.to_device(run.collate.train(examples), run.device)
+        examples = chunk[run.rank :: run.world]  # empty: a stand-in forward that counts nothing (FSDP2's steps)
+        batch = llava_wrap.to_device(run.collate.train(examples or chunk[:1]), run.device)
         with autocast(run.cfg, run.device):
             embeds, attention = llava_wrap.inputs(run.bundle, batch)
-            mask = run.collate.counted(batch, run.cfg.importance_tokens)
+            mask = run.collate.counted(batch, run.cfg.importance_tokens) & bool(examples)
             with track_importance(run.bundle.model, token_mask=F.pad(mask, (embeds.shape[1] - mask.shape[1], 0))):
                 run.bundle.model(inputs_embeds=embeds, attention_mask=attention)  # prepended prompts count as padding
 
@@ -297,24 +257,31 @@ def importance_pass(run: Run, task: data.Task) -> None:
 
 
 @torch.no_grad()
-def evaluate_task(run: Run, task: data.Task) -> tuple[float, list[dict]]:
-    """Greedy answers on the task's test set, scored with the benchmark's scorer, rows in its order.
-    The method may pick the experts of each batch (method.evaluating)."""
+def evaluate_task(run: Run, task: data.Task) -> tuple[float, list[dict]] | None:
+    """Greedy answers on the task's test set, each rank its share of the batches, scored by rank 0 with the
+    benchmark's scorer (rows in the test set's order; None on the other ranks). The method may pick the
+    experts of each batch (method.evaluating)."""
+    index = {ex: i for i, ex in enumerate(task.test)}
+    batches = run.collate.by_length(task.test, run.cfg.eval_batch_size)
     replies = {}
     for examples in tqdm(
-        run.collate.by_length(task.test, run.cfg.eval_batch_size),
+        lockstep(batches, run.rank, run.world),
         desc=f"evaluating {task.key}",
         leave=False,
         disable=None if is_main() else True,
     ):
-        with autocast(run.cfg, run.device), run.method.evaluating(examples):
-            batch = llava_wrap.to_device(run.collate.prompts(examples), run.device)
-            replies |= zip(examples, llava_wrap.generate(run.bundle, batch, run.cfg.max_new_tokens))
-    return evaluate.score_rows(task.key, task.test, [replies[ex] for ex in task.test])
+        work = examples or batches[0]  # a stand-in keeps FSDP2's collectives in step; its replies are dropped
+        with autocast(run.cfg, run.device), run.method.evaluating(work):
+            batch = llava_wrap.to_device(run.collate.prompts(work), run.device)
+            answers = llava_wrap.generate(run.bundle, batch, run.cfg.max_new_tokens, synced=run.cfg.shard)
+        replies |= {index[ex]: text for ex, text in zip(examples or [], answers)}
+    replies = {i: text for part in gather(replies) for i, text in part.items()}
+    return evaluate.score_rows(task.key, task.test, [replies[i] for i in range(len(task.test))]) if is_main() else None
 
 
 def probe_gates(run: Run, task: data.Task) -> dict[str, torch.Tensor]:
-    """The gates of every PASs layer on the first --probe-size test items, for the router-drift analysis."""
+    """The gates of every PASs layer on the first --probe-size test items, for the router-drift analysis
+    (computed on every rank, in step; rank 0 keeps them)."""
     examples = task.test[: run.cfg.probe_size]
     run.bundle.model.eval()
     with autocast(run.cfg, run.device), run.method.evaluating(examples):
@@ -322,31 +289,31 @@ def probe_gates(run: Run, task: data.Task) -> dict[str, torch.Tensor]:
 
 
 def evaluate_after(run: Run, state: dict, t: int) -> None:
-    """Row t of the accuracy matrix (rank 0), the probes' gates, the row printed."""
+    """Row t of the accuracy matrix, the probes' gates, the row printed (every rank evaluates, rank 0 writes)."""
     start, task, last = time.time(), run.tasks[t], t == len(run.tasks) - 1
     trained = state["trained"][t]
-    if is_main():
-        seen = [] if not trained else range(t + 1) if run.cfg.eval == "full" or last else [t]
-        for j in seen:
-            state["R"][t][j], rows = evaluate_task(run, run.tasks[j])
+    for j in [] if not trained else range(t + 1) if run.cfg.eval == "full" or last else [t]:
+        if (scored := evaluate_task(run, run.tasks[j])) is not None:
+            state["R"][t][j], rows = scored
             with open(run.dir.path / "predictions" / f"after{t + 1}_{run.tasks[j].key}.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
-        for probed, when in ([(task, "after")] if trained else []) + (
-            [(old, "final") for old in run.tasks] if last else []
-        ):
-            torch.save(probe_gates(run, probed), run.dir.path / "gates" / f"{probed.key}_{when}.pt")
-        state["evaluated"] = t + 1
-        state["eval_s"].append(round(time.time() - start, 2))
-        if run.method.task_id_accuracy() is not None:  # HiDe-LLaVA, DDAS: kept with the state (it survives a resume)
-            state["task_id_accuracy"] = run.method.task_id_accuracy()
-        run.dir.save_state(state)
-        row = " ".join("    -" if v is None else f"{v:5.1f}" for v in state["R"][t])
-        cut = run.cut.get(task.key)
-        cut = f"; {cut['sequences']} of {cut['of']} training sequences cut at --max-length" if cut else ""
-        what = f"{state['train_s'][t]:.0f}s train" if trained else f"{run.cfg.method} trains at the end"
-        print(f"after task {t + 1} ({task.key}, {what}{cut}): {row}")
-    if run.world > 1:
-        dist.barrier()
+    for probed, when in [(task, "after")] * trained + [(old, "final") for old in run.tasks] * last:
+        gates = probe_gates(run, probed)
+        if is_main():
+            torch.save(gates, run.dir.path / "gates" / f"{probed.key}_{when}.pt")
+    identified = run.method.task_id_accuracy()  # HiDe-LLaVA, DDAS; every rank: its share of the test items
+    if not is_main():
+        return
+    state["evaluated"] = t + 1
+    state["eval_s"].append(round(time.time() - start, 2))
+    if identified is not None:  # kept with the state, which survives a resume
+        state["task_id_accuracy"] = identified
+    run.dir.save_state(state)
+    row = " ".join("    -" if v is None else f"{v:5.1f}" for v in state["R"][t])
+    cut = run.cut.get(task.key)
+    cut = f"; {cut['sequences']} of {cut['of']} training sequences cut at --max-length" if cut else ""
+    what = f"{state['train_s'][t]:.0f}s train" if trained else f"{run.cfg.method} trains at the end"
+    print(f"after task {t + 1} ({task.key}, {what}{cut}): {row}")
 
 
 # ---- the run ----
@@ -364,11 +331,15 @@ def run_task(run: Run, state: dict, t: int) -> None:
         run.method.end_task(t)
     state["train_s"].append(round(time.time() - start, 2))
     state["trained"].append(examples is not None)
+    llava_wrap.save_task(
+        run.bundle.model,
+        run.method.state_dict(),
+        run.dir.path / "ckpt",
+        t + 1,
+        run.tasks[t].key,
+        keep_last=run.cfg.keep_checkpoints == "last",
+    )
     if is_main():
-        ckpt = run.dir.path / "ckpt"
-        llava_wrap.save_adapters(run.bundle.model, ckpt / f"task{t + 1}.safetensors", meta={"task": run.tasks[t].key})
-        if method_state := run.method.state_dict():  # EWC, MAS, HiDe-LLaVA, DDAS
-            llava_wrap.save_tensors(method_state, ckpt / f"method{t + 1}.safetensors")
         state["completed"] = t + 1
         run.dir.save_state(state)  # trained and saved: a crash in the evaluation below does not retrain it
     evaluate_after(run, state, t)
@@ -401,14 +372,20 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
 def main(argv=None) -> None:
     cfg, resume = parse_args(argv)
     try:
+        if cfg.dry_run:
+            sys.exit(dry_run(cfg))
         run(cfg, resume)
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 writes the report alone: no rank leaves while another still uses the group
     except (
         data.DataError,
         llava_wrap.ModelError,
-    ) as err:  # the inputs, not the code: told in words, without a traceback
+        RunDirError,
+    ) as err:  # the inputs, not the code: said without a traceback
         sys.exit(f"train_stream.py: error: {err}")
     finally:
         if dist.is_initialized():
+            gc.collect()  # the bundle and the method refer to each other: free them while the group is whole
             dist.destroy_process_group()
 
 

@@ -12,6 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from engine.processes import rank_world
 
 
 def atomic_write(path: Path, content: str | Callable[[Path], None]) -> None:
@@ -67,6 +70,10 @@ def environment(device: torch.device) -> dict:
     }
 
 
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked: says which and why."""
+
+
 class RunDir:
     """A run directory: config.json (every setting and what the numbers depend on), log.jsonl (one line
     per training step), state.json (tasks done, the accuracy matrix so far, timings), ckpt/ (what trains,
@@ -81,6 +88,24 @@ class RunDir:
         for sub in ("ckpt", "predictions", "gates"):
             (self.path / sub).mkdir()
         atomic_write(self.path / "config.json", json.dumps(config, indent=1))
+
+    def open(self, fresh: dict | None, tasks: int, changed: dict) -> dict:
+        """The run's state. A new run's rank 0 creates the directory with its config (`fresh`); a resumed run
+        keeps its config, but for `changed` (paths, which may move between attempts). Every rank then checks
+        that it sees the directory: the ranks of a multi-node run need it on one shared filesystem."""
+        rank, world = rank_world()
+        if rank == 0 and fresh is not None:
+            self.create(fresh)
+        elif rank == 0 and self.config() | changed != self.config():
+            self.write_json("config.json", self.config() | changed)
+        if world > 1:
+            dist.barrier()
+        if not (self.path / "config.json").is_file():
+            raise RunDirError(
+                f"rank {rank} cannot see {self.path}/config.json: every node of a multi-node run needs "
+                "the run directory on one shared filesystem"
+            )
+        return self.state(tasks)
 
     def config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())

@@ -36,10 +36,14 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
 
 def only_read(argv: list[str]) -> list[str]:
     """A list of test flags, shared by many methods, without the flags that its --method does not read
-    (train_stream refuses those). Every flag in such lists takes a value."""
+    (train_stream refuses those)."""
     import config
 
     given = {k: argv[argv.index(f"--{k}") + 1] for k in ("method", "stream", "model") if f"--{k}" in argv}
     unread = {k for k, (read, _) in config.read_by(config.RunConfig(**given)).items() if not read}
-    pairs = [argv[i : i + 2] for i in range(0, len(argv), 2)]
-    return [a for flag, value in pairs if flag[2:].replace("-", "_") not in unread for a in (flag, value)]
+    groups, i = [], 0  # a flag with its value, or a switch alone
+    while i < len(argv):
+        takes = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        groups.append(argv[i : i + 1 + takes])
+        i += 1 + takes
+    return [a for group in groups if group[0][2:].replace("-", "_") not in unread for a in group]

@@ -157,7 +157,7 @@ def test_consolidation_penalty_is_zero_at_the_anchor_with_the_right_gradient(cls
     model, data_ = TinyLM(), examples()
     cfg = SimpleNamespace(method_args=dict(ewc_gamma=0.5, ewc_lambda=3.0, mas_gamma=0.5, mas_lambda=3.0))
     method = cls(cfg, model, [SimpleNamespace(train=data_)] * 2, forward_of(model))
-    batch = {"logits": torch.zeros(1)}
+    batch = {"logits": torch.zeros(1), "share": 1.0}
     assert method.extra_loss(batch)["consolidation"] == 0  # no anchor before the first task ends
     method.end_task(0)
     first = {n: v.clone() for n, v in method.importance.items()}
@@ -234,7 +234,7 @@ def test_olora_orthogonality_term_matches_a_loop():
     # instead of absolute values
     model, method = olora()
     method.begin_task(2)  # k = 6 // 3 = 2: slices 0-1, 2-3, 4-5; task 2 owns 4-5
-    terms = method.extra_loss({"logits": torch.zeros(1)})
+    terms = method.extra_loss({"logits": torch.zeros(1), "share": 1.0})
     A = model.out.lora_A[0].double()
     ortho = sum(abs(sum(A[i, d] * A[j, d] for d in range(D))) for i in (4, 5) for j in range(4))
     B = model.out.lora_B[0].double()
@@ -252,7 +252,9 @@ def test_olora_old_slices_do_not_move_while_a_new_task_trains():
     opt = torch.optim.AdamW(adapter_params(model).values(), lr=0.1, weight_decay=0.0)
     ids = torch.stack([x for x, _ in examples()])
     for _ in range(3):
-        loss = model(input_ids=ids).logits.square().mean() + sum(method.extra_loss({"logits": torch.zeros(1)}).values())
+        loss = model(input_ids=ids).logits.square().mean() + sum(
+            method.extra_loss({"logits": torch.zeros(1), "share": 1.0}).values()
+        )
         loss.backward()
         opt.step()
         opt.zero_grad()

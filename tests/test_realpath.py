@@ -92,7 +92,9 @@ def test_a_perfect_model_scores_100_through_the_whole_pipeline(bench, tmp_path, 
         return prompts(self, examples)
 
     monkeypatch.setattr(data.Collator, "prompts", recording)
-    monkeypatch.setattr(llava_wrap, "generate", lambda bundle, batch, max_new_tokens=64: [ex.solution for ex in asked])
+    monkeypatch.setattr(
+        llava_wrap, "generate", lambda bundle, batch, max_new_tokens=64, synced=False: [ex.solution for ex in asked]
+    )
     out = tmp_path / "perfect"
     ts.run(ts.parse_args(readme_args(bench, "--out", str(out), "--dtype", "float32", "--eval", "full"))[0])
     R = json.loads((out / "matrix.json").read_text())["R"]
