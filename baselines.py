@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.flags import Flag
-from engine.processes import local, rank_world
+from engine.processes import gather, local, rank_world
 from engine.steps import optimizer_step
 from pasmoe import pas_layers
 from pasmoe_fused import FusedPASsMoELinear, stabilization_loss
@@ -573,7 +573,8 @@ class _TaskExperts(Method):
 
     def task_id_accuracy(self):
         per_task = {}
-        for (task, _), hit in self.hits.items():
+        hits = {key: hit for part in gather(self.hits) for key, hit in part.items()}  # each rank saw its share
+        for (task, _), hit in hits.items():
             per_task.setdefault(task, []).append(hit)
         return {task: 100 * sum(hits) / len(hits) for task, hits in per_task.items()} or None
 

@@ -212,7 +212,7 @@ def test_a_sharded_run_resumes_and_its_checkpoints_load_in_one_process(cache, tm
 def test_evaluation_is_shared_by_the_ranks_and_gives_the_predictions_of_one(cache, tmp_path):
     # planted bugs: rank 0 evaluating alone while the others wait (the old way: hours at a 6 h barrier), a
     # rank's replies dropped or placed on other items when gathered
-    finished = one_process(cache, tmp_path / "run", "--method", "hide")  # its experts are picked per input
+    finished = one_process(cache, tmp_path / "run", "--method", "hide", "--eval-batch-size", "1")  # 2 batches a rank
     for copy in ("one", "two"):
         shutil.copytree(finished, tmp_path / copy)
         state = json.loads((tmp_path / copy / "state.json").read_text())
@@ -353,3 +353,14 @@ def test_the_plans_activations_match_what_autograd_keeps(tmp_path):
     setting = memory.Setting(1, False, 1, n, False, 1, 1, 0)
     planned = memory.plan(model, text, setting)["activations"] * memory.GIB
     assert 0.75 < planned / sum(kept.values()) < 1.33, (planned, sum(kept.values()))
+
+
+def test_task_identification_counts_the_items_of_every_rank(monkeypatch):
+    # planted bug: the accuracy from rank 0's share of the test items only (each rank identifies its own)
+    import baselines
+
+    method = baselines.HiDe.__new__(baselines.HiDe)
+    method.hits = {("art", "0"): True, ("art", "1"): True}  # this rank's share
+    other = {("art", "2"): False, ("art", "3"): False}  # the other rank's
+    monkeypatch.setattr(baselines, "gather", lambda value: [value, other])
+    assert method.task_id_accuracy() == {"art": 50.0}
