@@ -335,7 +335,7 @@ def figures(run: dict) -> list[Path]:
     fig_dir, tasks = Path(run["dir"]) / "figures", run["tasks"]
     fig_dir.mkdir(exist_ok=True)
     R = [[float("nan") if v is None else v for v in row] for row in run["R"]]
-    fig, ax = plt.subplots(figsize=(1 + 0.75 * len(tasks), 0.6 + 0.6 * len(tasks)))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1 + 0.75 * len(tasks)), max(3.0, 0.6 + 0.6 * len(tasks))))
     image = ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
     for i, row in enumerate(run["R"]):
         for j, v in enumerate(row):

@@ -23,6 +23,7 @@ so that the frozen vision tower's features can be computed once per image and ke
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -112,7 +113,10 @@ def load_llava(name_or_path: str = "llava-hf/llava-1.5-7b-hf", dtype=torch.bfloa
     """LLaVA-1.5 from a local directory (llava-hf's layout) or the hub: about 14 GB of weights in bf16.
     On the meta device only its config.json and processor are read (shapes, no memory: the memory plan)."""
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
+    if not sys.stderr.isatty():  # transformers' bars (loading 14 GB takes minutes) on a terminal only
+        hf_logging.disable_progress_bar()
     try:
         processor = AutoProcessor.from_pretrained(name_or_path)
         if torch.device(device or "cpu").type == "meta":

@@ -163,7 +163,8 @@ def figures(run: dict, found: dict) -> list[Path]:
     fig_dir.mkdir(exist_ok=True)
 
     def save(fig, name):
-        fig.tight_layout()
+        if name != "importance_map.png":  # laid out by hand (its colorbar has an axes of its own)
+            fig.tight_layout()
         fig.savefig(fig_dir / name, dpi=90)
         plt.close(fig)
         made.append(fig_dir / name)
@@ -198,7 +199,8 @@ def importance_map(maps: dict, plt):
         layer, _, projection = name.rpartition(".")
         by_layer.setdefault(layer.rsplit(".", 1)[0].rsplit("layers.", 1)[-1], {})[projection] = values
     rows = list(by_layer)[:3] + list(by_layer)[3:][-1:]
-    columns = list(next(iter(by_layer.values())))
+    order = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # a Llama layer's, in turn
+    columns = sorted(next(iter(by_layer.values())), key=lambda c: order.index(c) if c in order else len(order))
     fig, axes = plt.subplots(
         len(rows), len(columns), figsize=(1.9 * len(columns) + 1, 1.6 * len(rows) + 0.8), squeeze=False
     )
@@ -208,13 +210,14 @@ def importance_map(maps: dict, plt):
     top = max(v.max().item() for v in normalized.values())
     for i, r in enumerate(rows):
         for j, c in enumerate(columns):
-            image = axes[i, j].imshow(normalized[r, c], aspect="auto", cmap="magma", vmin=0, vmax=top)
+            image = axes[i, j].imshow(normalized[r, c].tolist(), aspect="auto", cmap="magma", vmin=0, vmax=top)
             axes[i, j].set(title=f"layer {r} {c.removesuffix('_proj')}", xticks=[], yticks=[])
             axes[i, j].title.set_fontsize(7)
         axes[i, 0].set_ylabel("expert e", fontsize=7)
     for ax in axes[-1]:
         ax.set_xlabel("rank k", fontsize=7)
-    fig.colorbar(image, ax=axes, shrink=0.8, label="I_agg / layer mean")
+    fig.subplots_adjust(left=0.04, right=0.9, top=0.86, bottom=0.08, wspace=0.08, hspace=0.35)
+    fig.colorbar(image, cax=fig.add_axes([0.92, 0.12, 0.012, 0.7]), label="I_agg / layer mean")
     fig.suptitle("aggregated importance I_agg per layer and projection (expert x rank)", fontsize=9)
     return fig
 

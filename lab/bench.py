@@ -191,6 +191,26 @@ def against(other: Path, rounds: int, extra: list[str]) -> dict:
     return walls
 
 
+def layer_table(args) -> None:
+    """The layer against a LoRA and a per-expert loop, one row per shape (a markdown table)."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {device}, {args.dtype}, {threads} threads, median of {args.repeats}")
+    print(
+        "| N x d x E x r | LoRA(E*r) fwd+bwd ms | plain / LoRA | fused / LoRA | loop / fused "
+        "| saved: plain / LoRA | fused / LoRA | loop / fused | tracking overhead |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        n, d, E, r = map(int, shape.split("x"))
+        t, m, fwd, fwd_tracked = bench_shape(n, d, E, r, device, dtype, args.repeats)
+        print(
+            f"| {shape} | {1e3 * t['lora']:.2f} | {t['plain'] / t['lora']:.3f} | {t['fused'] / t['lora']:.3f} "
+            f"| {t['loop'] / t['fused']:.2f} | {m['plain'] / m['lora']:.2f} | {m['fused'] / m['lora']:.2f} "
+            f"| {m['loop'] / m['fused']:.1f} | {100 * (fwd_tracked / fwd - 1):+.1f}% |"
+        )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -233,22 +253,7 @@ def main(argv=None):
         )
         print("all runs (s):", {k: [round(v, 1) for v in vs] for k, vs in walls.items()})
         return
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {device}, {args.dtype}, {threads} threads, median of {args.repeats}")
-    print(
-        "| N x d x E x r | LoRA(E*r) fwd+bwd ms | plain / LoRA | fused / LoRA | loop / fused "
-        "| saved: plain / LoRA | fused / LoRA | loop / fused | tracking overhead |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for shape in args.shapes:
-        n, d, E, r = map(int, shape.split("x"))
-        t, m, fwd, fwd_tracked = bench_shape(n, d, E, r, device, dtype, args.repeats)
-        print(
-            f"| {shape} | {1e3 * t['lora']:.2f} | {t['plain'] / t['lora']:.3f} | {t['fused'] / t['lora']:.3f} "
-            f"| {t['loop'] / t['fused']:.2f} | {m['plain'] / m['lora']:.2f} | {m['fused'] / m['lora']:.2f} "
-            f"| {m['loop'] / m['fused']:.1f} | {100 * (fwd_tracked / fwd - 1):+.1f}% |"
-        )
+    layer_table(args)
 
 
 if __name__ == "__main__":

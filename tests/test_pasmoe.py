@@ -467,3 +467,47 @@ def test_dropout_acts_on_the_adapter_input_only(kind):
     assert torch.allclose(y, ref + base_shift, rtol=1e-10, atol=1e-10)
     layer.eval()
     assert torch.allclose(layer(x), reference(layer.cfg, x, A, B, W, bias)[0], rtol=1e-10, atol=1e-10)
+
+
+# ---- the mixture's scale (config.RunConfig.mixture_scale) ----
+
+
+def _pair(scale: str):
+    """A mixture (E = 4 experts of rank 3) under one of the conventions, with a uniform gate, beside the
+    reference LoRA of rank 12, both as config.adapters builds them for the run's flags, on one base."""
+    import config
+
+    flags = ["--num-experts", "4", "--rank", "3", "--alpha", "6"]
+    mixture, _ = config.adapters(config.parse_args(["--method", "pas-rw", "--mixture-scale", scale, *flags])[0])
+    single, _ = config.adapters(config.parse_args(["--method", "seqlora", *flags])[0])
+    base = nn.Linear(D_IN, D_OUT)
+    torch.manual_seed(5)
+    moe = ChosenExperts(base, mixture)
+    moe.chosen = torch.full((4,), 0.25)
+    torch.manual_seed(5)
+    lora = PASsMoELinear(base, single)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+        moe.lora_B.copy_(lora.lora_B[0].unflatten(1, (4, 3)).permute(1, 0, 2))  # B_e: columns e r .. e r + r of B
+    return moe, lora
+
+
+def test_scale_matched_experts_at_a_uniform_gate_are_the_reference_lora():
+    # planted bug: the matched convention's alpha not multiplied by E (then the experts learn at 1/E of the
+    # reference's scale, the study's old regime); an init that differs from the reference LoRA's
+    moe, lora = _pair("matched")
+    assert torch.equal(moe.lora_A.flatten(0, 1), lora.lora_A[0])  # the same init, bit for bit
+    x = torch.randn(3, 5, D_IN, requires_grad=True)
+    out_moe, out_lora = moe(x), lora(x)
+    assert torch.allclose(out_moe, out_lora, atol=1e-5)
+    out_moe.square().sum().backward()
+    out_lora.square().sum().backward()
+    assert torch.allclose(moe.lora_A.grad.flatten(0, 1), lora.lora_A.grad[0], atol=1e-5)
+    assert torch.allclose(moe.lora_B.grad.permute(1, 0, 2).flatten(1), lora.lora_B.grad[0], atol=1e-5)
+
+
+def test_at_the_papers_scale_a_uniform_mixture_is_the_reference_lora_divided_by_e():
+    # planted bug: the paper's convention scaled like the matched one (the two regimes then one)
+    moe, lora = _pair("paper")
+    x = torch.randn(3, D_IN)
+    assert torch.allclose(moe(x) - moe.base(x), (lora(x) - lora.base(x)) / 4, atol=1e-5)

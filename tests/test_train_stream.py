@@ -596,3 +596,16 @@ def test_l2p_prompts_reach_generation_in_prefill_and_every_decode_step(cache):
                 "examples": batch["examples"],
             }
             assert torch.allclose(llava_wrap.forward(bundle, grown)[0, -1], prompted[k], atol=1e-3), k
+
+
+def test_a_one_task_order_runs_and_is_analysed(cache, tmp_path, capsys):
+    # planted bug: a division by the number of old tasks (none: the ZeroDivisionError a one-task order met
+    # after its matrix was written)
+    from lab import analyses
+
+    out = tmp_path / "one"
+    ts.run(small(cache, out, "--order", "numglue"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["bwt"] == 0.0 and metrics["ap"] == metrics["final"][0]
+    analyses.main([str(out)])
+    assert "router drift" not in capsys.readouterr().out.split(str(out))[-1]  # no old task, so no drift

@@ -122,18 +122,8 @@ FILLERS = {
 }
 
 
-def _sanity_item(task: str, rng: random.Random, pretrain: bool = False):
-    """One item of a task: (key that identifies the item, problem, solution, image).
-
-    pretrain=False draws a task item: core and new content, the tasks' fillers, image seeds
-    below 2**31. pretrain=True draws an item for the tiny base's pretraining in the same
-    format: core content only, other fillers, image seeds from 2**31 up.
-    """
-    fill = FILLERS["pretrain" if pretrain else "task"]
-    colors = list(COLORS) + ([] if pretrain else list(NEW_COLORS))
-    shapes = SHAPES + ([] if pretrain else NEW_SHAPES)
-    glyphs = list(GLYPHS) + ([] if pretrain else list(NEW_GLYPHS))
-    seed = rng.randrange(2**31) | (1 << 31 if pretrain else 0)
+def _text_item(task: str, rng: random.Random, fill: dict, pretrain: bool):
+    """numglue's and fomc's items (no image), as _sanity_item returns them."""
     if task == "numglue":
         name, obj, a, b = rng.choice(fill["names"]), rng.choice(fill["objects"]), rng.randrange(10), rng.randrange(10)
         ask = f"How many {obj} does {name} have now? Think step by step and give the final number after 'answer:'."
@@ -151,17 +141,20 @@ def _sanity_item(task: str, rng: random.Random, pretrain: bool = False):
             f"{a} minus {b} is {a - b}. answer: {a - b}",
             None,
         )
-    if task == "fomc":
-        stance = rng.choice(list(FOMC))
-        letter, core, new = FOMC[stance]
-        who, hedge, when = rng.choice(fill["speakers"]), rng.choice(HEDGES), rng.choice(fill["when"])
-        what = rng.choice(core + ([] if pretrain else new))
-        problem = (
-            f"Statement: {who} {hedge} {what} {when}. Is this statement hawkish, dovish or neutral? "
-            "Options: A. hawkish B. dovish C. neutral. Give the option letter after 'answer:'."
-        )
-        return (who, hedge, what, when), problem, f"The stance is {stance}. answer: {letter}", None
-    shape, color, place = rng.choice(shapes), rng.choice(colors), rng.choice(list(PLACES))
+    # fomc: a stance
+    stance = rng.choice(list(FOMC))
+    letter, core, new = FOMC[stance]
+    who, hedge, when = rng.choice(fill["speakers"]), rng.choice(HEDGES), rng.choice(fill["when"])
+    what = rng.choice(core + ([] if pretrain else new))
+    problem = (
+        f"Statement: {who} {hedge} {what} {when}. Is this statement hawkish, dovish or neutral? "
+        "Options: A. hawkish B. dovish C. neutral. Give the option letter after 'answer:'."
+    )
+    return (who, hedge, what, when), problem, f"The stance is {stance}. answer: {letter}", None
+
+
+def _image_item(task: str, rng: random.Random, shape: str, color: str, place: str, seed: int, colors, glyphs):
+    """The image tasks' items, as _sanity_item returns them, from the draws it has made."""
     if task == "art":
         image = draw([(shape, color, PLACES[place], 6)], seed=seed)
         problem = (
@@ -206,6 +199,24 @@ def _sanity_item(task: str, rng: random.Random, pretrain: bool = False):
         )
         return (shape, color, place, seed), problem, f"The outline has a clear form. answer: {shape}", image
     raise ValueError(f"unknown sanity task {task!r}")
+
+
+def _sanity_item(task: str, rng: random.Random, pretrain: bool = False):
+    """One item of a task: (key that identifies the item, problem, solution, image).
+
+    pretrain=False draws a task item: core and new content, the tasks' fillers, image seeds
+    below 2**31. pretrain=True draws an item for the tiny base's pretraining in the same
+    format: core content only, other fillers, image seeds from 2**31 up.
+    """
+    fill = FILLERS["pretrain" if pretrain else "task"]
+    colors = list(COLORS) + ([] if pretrain else list(NEW_COLORS))
+    shapes = SHAPES + ([] if pretrain else NEW_SHAPES)
+    glyphs = list(GLYPHS) + ([] if pretrain else list(NEW_GLYPHS))
+    seed = rng.randrange(2**31) | (1 << 31 if pretrain else 0)
+    if task in ("numglue", "fomc"):
+        return _text_item(task, rng, fill, pretrain)
+    shape, color, place = rng.choice(shapes), rng.choice(colors), rng.choice(list(PLACES))
+    return _image_item(task, rng, shape, color, place, seed, colors, glyphs)
 
 
 def _split(task: str, n_train: int, n_test: int, rng: random.Random) -> tuple[list, list]:

@@ -227,7 +227,11 @@ def pretrained_tiny(cache_dir: str | Path = "cache", cfg: TinyConfig = TinyConfi
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def save(folder: Path):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one small file: no bar
         bundle.model.save_pretrained(folder)
+        hf_logging.enable_progress_bar()
         (folder / "pretrain.json").write_text(json.dumps(bundle.info, indent=1))
 
     try:

@@ -1,0 +1,84 @@
+"""RECIPE_7B.md's table: for every method of the paper's Table 1 at LLaVA-1.5-7B with the paper's recipe, the
+trainable parameters, the memory per GPU under DDP and FSDP2 on 1 and 8 GPUs, whether that fits GPUs of 80
+and 96 GB, and one task checkpoint. Counted by engine/memory.py on the model built on the meta device with
+llava-1.5-7b-hf's configuration: arithmetic, not a measurement (lab/gpu_smoke.py measures).
+
+    python -m lab.recipe                      print the table
+    python -m lab.recipe --docs RECIPE_7B.md  and write it into the file's <!-- recipe table --> block
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+
+import config
+import llava_wrap
+from baselines import METHODS
+from engine import memory
+
+LENGTH, NEW_TOKENS = 1536, 512  # the recipe's --max-length and --max-new-tokens; prompts as long as allowed
+CHECKPOINTING = True  # the recipe's command uses --gradient-checkpointing
+
+
+def meta_model(method: str) -> tuple[torch.nn.Module, float]:
+    """The 7B with this method's adapters and trainable parts, on the meta device; its state copies."""
+    from transformers import LlavaForConditionalGeneration
+
+    cfg, _ = config.parse_args(["--recipe", "paper", "--model", "llava-hf/llava-1.5-7b-hf", "--method", method])
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(llava_wrap.llava_15_7b_config()).to(torch.bfloat16)
+    if (built := config.adapters(cfg)) is None:
+        model.requires_grad_(False)
+    else:
+        llava_wrap.add_adapters(model, built[0], layer_class=built[1], verbose=False)
+    METHODS[method].cls.setup_model(model)
+    return model, METHODS[method].state_copies
+
+
+def table() -> str:
+    rows = [
+        "| method | trained parameters | engine | GPUs | micro-batch | GiB per GPU | 80 GB | 96 GB | checkpoint |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, spec in METHODS.items():
+        if method in ("pasmoe-random", "l2", "pas-rw", "moelora-topk"):  # as pasmoe or moelora, to the gigabyte
+            continue
+        model, copies = meta_model(method)
+        text = model.config.text_config
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        engines = [("DDP", False, 1), ("DDP", False, 8)] + ([("FSDP2", True, 8)] if spec.shardable else [])
+        for engine, shard, world in engines:
+            micro = 12 // world if world > 1 else 1
+            setting = memory.Setting(
+                world, shard, max(1, micro), LENGTH, CHECKPOINTING, 16, LENGTH + NEW_TOKENS, copies
+            )
+            peak = memory.plan(model, text, setting)["peak"]
+            fits = ["yes" if peak <= memory.ALLOCATOR_MARGIN * gb * 1e9 / memory.GIB else "no" for gb in (80, 96)]
+            size = memory.checkpoint_bytes(model, copies) / memory.GIB
+            rows.append(
+                f"| {method} | {trained / 1e9:.2f} B | {engine} | {world} | {max(1, micro)} | {peak:.1f} | "
+                f"{fits[0]} | {fits[1]} | {size:.1f} GiB |"
+            )
+    return "\n".join(rows) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--docs", type=Path, default=None, help="write the table into this file's recipe block")
+    args = parser.parse_args(argv)
+    text = table()
+    print(text)
+    if args.docs:
+        block = re.compile(r"(<!-- recipe table -->\n).*?(<!-- end of recipe table -->)", re.S)
+        found, count = block.subn(lambda m: m.group(1) + text + m.group(2), args.docs.read_text())
+        if not count:
+            raise ValueError(f"{args.docs} has no <!-- recipe table --> block")
+        args.docs.write_text(found)
+
+
+if __name__ == "__main__":
+    main()
