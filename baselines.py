@@ -203,7 +203,7 @@ class Replay(Method):
         kept = []
         for s in range(t):
             train = self.stream[s].train
-            n = max(1, math.ceil(self.args.replay_fraction * len(train)))  # deviation 1
+            n = max(1, math.ceil(self.args.replay_fraction * len(train)))  # DESIGN.md 7, replay 1
             kept += random.Random(f"replay-{self.cfg.seed}-{s}").sample(train, n)
         return kept
 
@@ -290,7 +290,7 @@ class _Consolidation(Method):
     def task_importance(self, examples: list) -> dict[str, torch.Tensor]:
         """F_t: the mean over `examples` of per_example, one example at a time. Under DDP each process takes
         its share and the sums are all-reduced; under FSDP2 (--shard) every process takes every example, in
-        step, and keeps its shard of each sum (the pass then takes as long as on one GPU: deviation 3)."""
+        step, and keeps its shard of each sum (the pass then takes as long as on one GPU: DESIGN.md 7, ewc 3)."""
         params = adapter_params(self.model)
         total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
         rank, world = (0, 1) if self.shard else rank_world()
@@ -380,7 +380,7 @@ class LwF(Method):
     def begin_task(self, t):
         self.teacher = {n: p.detach().clone() for n, p in adapter_params(self.model).items()} if t > 0 else None
 
-    def extra_loss(self, batch):
+    def extra_loss(self, batch):  # DESIGN.md 7, lwf 2: the teacher runs in the model's mode (dropout 0: train = eval)
         logits, labels = batch["logits"], batch["labels"]
         if self.teacher is None:
             return {"distill": torch.zeros((), device=logits.device)}
@@ -390,7 +390,7 @@ class LwF(Method):
                 :, -labels.shape[1] :
             ]
         kl = distillation_kl(answer_logits(logits, labels), answer_logits(old, labels), self.args.lwf_temperature)
-        return {"distill": self.args.lwf_lambda * kl * batch["world"] / batch["n_tokens"]}
+        return {"distill": self.args.lwf_lambda * kl * batch["world"] / batch["n_tokens"]}  # DESIGN.md 7, lwf 3
 
 
 # ---- the architecture family: O-LoRA ----
@@ -441,7 +441,7 @@ class OLoRA(Method):
         for layer in self.layers:
             A_new = layer.lora_A[0, now].float()
             if self.t > 0:
-                ortho = ortho + (A_new @ layer.lora_A[0, : now.start].float().T).abs().sum()
+                ortho = ortho + (A_new @ layer.lora_A[0, : now.start].float().T).abs().sum()  # DESIGN.md 7, olora 2
             norm = norm + A_new.square().sum() + layer.lora_B[0, :, now].float().square().sum()
         share = batch["share"]
         return {"orthogonal": share * self.args.olora_lambda1 * ortho, "l2": share * self.args.olora_lambda2 * norm}
@@ -471,7 +471,7 @@ class SeqFT(Method):
         """What seqft trains, unfrozen and in fp32 (also on the meta device, for the memory plan)."""
         for name, module in model.named_modules():
             if name in ("model.language_model", "lm_head", "model.multi_modal_projector"):
-                module.float().requires_grad_(True)
+                module.float().requires_grad_(True)  # DESIGN.md 7, seqft 1
 
 
 class PromptPool(nn.Module):
@@ -516,7 +516,7 @@ class L2P(Method):
         """(indices (b, N) of each input's prompts, their cosine similarities (b, N) to its query)."""
         sims = []
         for f in self.features(examples):
-            kind = "image" if f["image"] is not None else "text"
+            kind = "image" if f["image"] is not None else "text"  # DESIGN.md 7, l2p 1
             sims.append(
                 F.cosine_similarity(self.pool.keys[kind], f[kind].to(self.pool.prompts.device).unsqueeze(0), dim=-1)
             )
@@ -618,7 +618,7 @@ class HiDe(_TaskExperts):
     def end_task(self, t):
         super().end_task(t)
         feats = self.features(self.stream[t].train)
-        self.anchors[f"{t}.text"] = torch.stack([f["text"] for f in feats]).mean(0)
+        self.anchors[f"{t}.text"] = torch.stack([f["text"] for f in feats]).mean(0)  # DESIGN.md 7, hide 1
         if feats[0]["image"] is not None:
             self.anchors[f"{t}.image"] = torch.stack([f["image"] for f in feats]).mean(0)
 
@@ -722,7 +722,7 @@ class DDAS(_TaskExperts):
             errors = (ae(held_out) - held_out).square().mean(dim=1)
         self.encoders[t], self.thresholds[t] = (
             ae.eval().requires_grad_(False),
-            (errors.mean() + 3 * errors.std(correction=0)).item(),
+            (errors.mean() + 3 * errors.std(correction=0)).item(),  # DESIGN.md 7, ddas 2
         )
 
     def errors(self, feats: list) -> list[dict[int, float]]:
