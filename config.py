@@ -378,15 +378,26 @@ def settings_problems(cfg: RunConfig, given: dict, flags: dict) -> list[str]:
     return problems
 
 
+# What may change when a run is resumed: a path (it may move between attempts) and what only changes how
+# fast or in what memory the run goes (after an out-of-memory, say); the config.json records the new values.
+RESUME_MAY_CHANGE = ("image_root", "eval_batch_size", "micro_batch_size", "gradient_checkpointing", "keep_checkpoints")
+
+
 def resumed(parser, path: Path, given: dict) -> RunConfig:
-    """The saved config of the run in `path`; only --image-root (a path, not a setting) may change."""
-    if set(given) - {"image_root"}:
+    """The saved config of the run in `path`, with the flags of RESUME_MAY_CHANGE that were given."""
+    if fixed := [k for k in given if k not in RESUME_MAY_CHANGE]:
+        may = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
         parser.error(
-            f"--resume takes the run's saved config (only --image-root may change); drop "
-            f"{', '.join('--' + k.replace('_', '-') for k in given if k != 'image_root')}"
+            f"--resume takes the run's saved config (only {may} may change); drop "
+            f"{', '.join('--' + k.replace('_', '-') for k in fixed)}"
         )
     if not (path / "config.json").is_file():
         parser.error(f"--resume {path}: no config.json there (is it a run directory of train_stream.py?)")
     saved = json.loads((path / "config.json").read_text())
     cfg = RunConfig(**{f.name: saved[f.name] for f in dataclasses.fields(RunConfig) if f.name in saved})
-    return dataclasses.replace(cfg, out=str(path), image_root=given.get("image_root", cfg.image_root))
+    cfg = dataclasses.replace(cfg, out=str(path), **given)
+    if problems := settings_problems(
+        dataclasses.replace(cfg, out=str(path / "x" / "x")), given, dataclass_flags(RunConfig)[0]
+    ):
+        parser.error("; ".join(problems))
+    return cfg

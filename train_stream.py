@@ -37,20 +37,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+import config
 import data
 import evaluate
 import llava_wrap
 from baselines import METHODS, answer_logits
-from config import RunConfig, adapters, check_stream, dry_run, load_model, load_tasks, memory_plan, parse_args
-from engine.processes import (
-    data_parallel,
-    finish_gradients,
-    gather,
-    gradient_sync,
-    init_processes,
-    is_main,
-    lockstep,
-)
+from config import RESUME_MAY_CHANGE, RunConfig, adapters, parse_args
+from engine.processes import data_parallel, finish_gradients, gather, gradient_sync, init_processes, is_main, lockstep
 from engine.runs import RunDir, RunDirError, environment
 from engine.steps import StepLog, cosine_lr, micro_batches, optimizer_step, seed_everything
 from pasmoe import end_task, pas_layers, track_importance
@@ -78,13 +71,13 @@ class Run:
 def setup(cfg: RunConfig, resume: bool) -> tuple[Run, dict]:
     """Processes, tasks, model, the preflight, the method, and the state (fresh or resumed)."""
     rank, world, device = init_processes(cfg.device)
-    tasks = load_tasks(cfg)
-    if device.type == "cuda" and (too_big := memory_plan(cfg, tasks, world, device)[1]):
+    tasks = config.load_tasks(cfg)
+    if device.type == "cuda" and (too_big := config.memory_plan(cfg, tasks, world, device)[1]):
         raise llava_wrap.ModelError(f"this run does not fit its GPUs (nothing was loaded): {too_big}")
-    bundle = load_model(cfg, device)
+    bundle = config.load_model(cfg, device)
     collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
     kept = llava_wrap.cache_vision_features(bundle, [ex for t in tasks for ex in t.train + t.test])
-    checked = [check_stream(cfg, tasks, bundle, collate) if is_main() else None]
+    checked = [config.check_stream(cfg, tasks, bundle, collate) if is_main() else None]
     if world > 1:  # every process stops with the same message, or goes on
         dist.broadcast_object_list(checked, src=0)
     if isinstance(checked[0], data.DataError):
@@ -114,7 +107,8 @@ def open_run(run: Run, resume: bool, kept: str) -> dict:
         "tasks": [t.key for t in run.tasks],
         "world_size": run.world,
     }
-    state = run.dir.open(None if resume else fresh | environment(run.device), T, {"image_root": cfg.image_root})
+    changed = {k: getattr(cfg, k) for k in RESUME_MAY_CHANGE}  # the values this attempt runs with
+    state = run.dir.open(None if resume else fresh | environment(run.device), T, changed)
     if done := state["completed"]:
         llava_wrap.load_adapters(run.bundle.model, run.dir.path / "ckpt" / f"task{done}.safetensors")
         if (saved := run.dir.path / "ckpt" / f"method{done}.safetensors").exists():
@@ -373,7 +367,7 @@ def main(argv=None) -> None:
     cfg, resume = parse_args(argv)
     try:
         if cfg.dry_run:
-            sys.exit(dry_run(cfg))
+            sys.exit(config.dry_run(cfg))
         run(cfg, resume)
         if dist.is_initialized():
             dist.barrier()  # rank 0 writes the report alone: no rank leaves while another still uses the group

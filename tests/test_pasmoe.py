@@ -511,3 +511,28 @@ def test_at_the_papers_scale_a_uniform_mixture_is_the_reference_lora_divided_by_
     moe, lora = _pair("paper")
     x = torch.randn(3, D_IN)
     assert torch.allclose(moe(x) - moe.base(x), (lora(x) - lora.base(x)) / 4, atol=1e-5)
+
+
+def test_gpt2_takes_the_layer_once_its_conv1d_are_linears_as_the_readme_says():
+    # planted bugs: inject silently skipping Conv1D (it must name them), the README's conversion giving
+    # another output (a weight not transposed)
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16)).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    before = model(ids).logits
+    target = r"(c_attn|c_proj|c_fc)$"
+    with pytest.raises(ValueError, match=r"c_attn matches but is a Conv1D"):
+        inject(model, PASsConfig(num_experts=2, rank=2), target=target)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Conv1D):  # the README's recipe
+            lin = nn.Linear(*m.weight.shape)
+            lin.weight.data = m.weight.T.contiguous()
+            lin.bias.data = m.bias
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+    assert torch.allclose(model(ids).logits, before, atol=1e-5)
+    assert len(inject(model, PASsConfig(num_experts=2, rank=2), target=target)) == 8  # 4 per block
+    assert torch.allclose(model(ids).logits, before, atol=1e-5)  # B = 0: still the same model

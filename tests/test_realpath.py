@@ -151,7 +151,7 @@ def test_the_seed_seeds_the_adapters_on_the_real_path(bench):
     def first_lora_A(seed):
         torch.rand(int(torch.randint(1, 100, ()).item()))  # a process-dependent generator state
         cfg = ts.parse_args(readme_args(bench, "--seed", str(seed)))[0]
-        model = ts.load_model(cfg, torch.device("cpu")).model
+        model = config.load_model(cfg, torch.device("cpu")).model
         return next(iter(llava_wrap.pas_layers(model).values())).lora_A.detach().clone()
 
     a, b, c = first_lora_A(3), first_lora_A(3), first_lora_A(4)

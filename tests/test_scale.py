@@ -21,6 +21,7 @@ import torch
 from helpers import only_read
 from safetensors.torch import load_file
 
+import config
 import llava_wrap
 import train_stream as ts
 from engine import memory, processes
@@ -57,7 +58,7 @@ SMALL = [
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("cache"))
-    ts.load_model(ts.parse_args(SMALL + ["--cache-dir", path])[0], torch.device("cpu"))
+    config.load_model(ts.parse_args(SMALL + ["--cache-dir", path])[0], torch.device("cpu"))
     return path
 
 
@@ -205,7 +206,9 @@ def test_a_sharded_run_resumes_and_its_checkpoints_load_in_one_process(cache, tm
     two_processes(["--resume", str(resumed)])
     for name in ("task2", "method2"):
         assert_close(resumed / "ckpt" / f"{name}.safetensors", full / "ckpt" / f"{name}.safetensors", 1e-4)
-    model = ts.load_model(ts.parse_args(args(cache, tmp_path / "x", "--method", "ewc"))[0], torch.device("cpu")).model
+    model = config.load_model(
+        ts.parse_args(args(cache, tmp_path / "x", "--method", "ewc"))[0], torch.device("cpu")
+    ).model
     llava_wrap.load_adapters(model, full / "ckpt" / "task2.safetensors")  # whole tensors, one process
 
 

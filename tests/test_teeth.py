@@ -63,7 +63,7 @@ CPU = torch.device("cpu")
 def cache(tmp_path_factory):
     """The tiny base built once, before any test: every test then loads it from disk."""
     path = str(tmp_path_factory.mktemp("cache"))
-    ts.load_model(ts.parse_args(SMALL + ["--cache-dir", path])[0], CPU)
+    config.load_model(ts.parse_args(SMALL + ["--cache-dir", path])[0], CPU)
     return path
 
 
@@ -337,9 +337,9 @@ def test_generation_feeds_the_prompts_of_l2p(cache):
     # planted bug: llava_wrap.generate calling `embed(bundle, batch)` with the batch's attention mask
     # instead of `inputs(bundle, batch)` (the prompts never reach generation: L2P answers as the base)
     cfg = small(cache, "--method", "l2p")
-    bundle = ts.load_model(cfg, CPU)
+    bundle = config.load_model(cfg, CPU)
     collate, found = passes(bundle, cfg)
-    tasks = ts.load_tasks(cfg)
+    tasks = config.load_tasks(cfg)
     method = METHODS["l2p"].cls(cfg, bundle.model, tasks, *found)
     run = ts.Run(cfg, RunDir(cfg.out), 0, 1, CPU, tasks, bundle, bundle.model, collate, method, {})
     steps = 6
@@ -445,9 +445,9 @@ def test_seqft_trains_and_saves_the_language_model_head_and_projector_in_fp32(ca
     # dropped from SeqFT's tuple); a trained part missing from the checkpoint (adapter_state keeping
     # only 2-d parameters: the norms are lost)
     cfg = small(cache, "--method", "seqft", "--dtype", "bfloat16")
-    bundle = ts.load_model(cfg, CPU)
+    bundle = config.load_model(cfg, CPU)
     model = bundle.model
-    SeqFT(cfg, model, ts.load_tasks(cfg), *passes(bundle, cfg)[1])
+    SeqFT(cfg, model, config.load_tasks(cfg), *passes(bundle, cfg)[1])
     parts = ("model.language_model.", "lm_head.", "model.multi_modal_projector.")
     names = [n for n, _ in model.named_parameters()]
     expected = {n for n in names if n.startswith(parts)}
@@ -471,7 +471,7 @@ def test_a_seqft_run_checkpoints_exactly_the_trained_parts(cache, tmp_path):
     # parameters); the vision tower left trainable (then saved as well)
     out = tmp_path / "run"
     ts.run(small(cache, "--method", "seqft", "--out", str(out)))
-    model = ts.load_model(small(cache, "--method", "seqft"), CPU).model
+    model = config.load_model(small(cache, "--method", "seqft"), CPU).model
     parts = ("model.language_model.", "lm_head.", "model.multi_modal_projector.")
     expected = {n for n, _ in model.named_parameters() if n.startswith(parts)}
     for t in (1, 2):

@@ -87,7 +87,7 @@ def cache(tmp_path_factory):
     (one code path), rather than the first run training it in memory."""
     path = str(tmp_path_factory.mktemp("cache"))
     for argv in (SMALL, LEARN):
-        ts.load_model(ts.parse_args(argv + ["--cache-dir", path])[0], torch.device("cpu"))
+        config.load_model(ts.parse_args(argv + ["--cache-dir", path])[0], torch.device("cpu"))
     return path
 
 
@@ -140,9 +140,9 @@ def test_the_learning_stream_learns_and_pads(reference_run, cache):
     R = json.loads((reference_run / "matrix.json").read_text())["R"]
     assert R[0][0] >= 25 and R[1][1] >= 25, R
     cfg = learn(cache, None)
-    bundle = ts.load_model(cfg, torch.device("cpu"))
+    bundle = config.load_model(cfg, torch.device("cpu"))
     collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
-    fomc = ts.load_tasks(cfg)[0]
+    fomc = config.load_tasks(cfg)[0]
     mask = collate.train(fomc.train[:8])["attention_mask"]
     assert (mask == 0).any() and (mask.sum(1) != mask.shape[1]).sum() >= 2
 
@@ -417,7 +417,7 @@ def test_resume_restores_the_methods_own_state(cache, tmp_path, monkeypatch, met
 
 def a_run(cfg, tasks=None) -> ts.Run:
     """A Run around the model of cfg, as setup builds it, without a run directory or a method."""
-    bundle = ts.load_model(cfg, torch.device("cpu"))
+    bundle = config.load_model(cfg, torch.device("cpu"))
     collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
     return ts.Run(
         cfg,
@@ -425,7 +425,7 @@ def a_run(cfg, tasks=None) -> ts.Run:
         0,
         1,
         torch.device("cpu"),
-        tasks or ts.load_tasks(cfg),
+        tasks or config.load_tasks(cfg),
         bundle,
         bundle.model,
         collate,
@@ -563,9 +563,9 @@ def test_l2p_prompts_reach_generation_in_prefill_and_every_decode_step(cache):
     # the frozen base's), or seen by the first step only; each step's scores must equal a forward
     # of the whole sequence with the prompts in front, and differ from the scores without them
     cfg = learn(cache, None, "--method", "l2p")
-    bundle = ts.load_model(cfg, torch.device("cpu"))
+    bundle = config.load_model(cfg, torch.device("cpu"))
     collate = data.Collator(bundle.tokenizer, bundle.num_image_tokens, cfg.max_length)
-    tasks = ts.load_tasks(cfg)
+    tasks = config.load_tasks(cfg)
     passes = llava_wrap.passes(bundle, collate, torch.device("cpu"), 8, contextlib.nullcontext)
     method = ts.METHODS["l2p"].cls(cfg, bundle.model, tasks, *passes)
     batch = collate.prompts(tasks[0].test[:1])
