@@ -41,28 +41,30 @@ def meta_model(method: str) -> tuple[torch.nn.Module, float]:
 
 def table() -> str:
     rows = [
-        "| method | trained parameters | engine | GPUs | micro-batch | GiB per GPU | 80 GB | 96 GB | checkpoint |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | trained parameters | DDP: GiB per GPU, 1 or 8 GPUs | fits 80 / 96 GB | FSDP2 on 8 GPUs | "
+        "fits 80 / 96 GB | one task checkpoint | add to the recipe's command |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method, spec in METHODS.items():
         if method in ("pasmoe-random", "l2", "pas-rw", "moelora-topk"):  # as pasmoe or moelora, to the gigabyte
             continue
         model, copies = meta_model(method)
-        text = model.config.text_config
-        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        engines = [("DDP", False, 1), ("DDP", False, 8)] + ([("FSDP2", True, 8)] if spec.shardable else [])
-        for engine, shard, world in engines:
-            micro = 12 // world if world > 1 else 1
+        text, cells = model.config.text_config, []
+        for shard in (False, True):
             setting = memory.Setting(
-                world, shard, max(1, micro), LENGTH, CHECKPOINTING, 16, LENGTH + NEW_TOKENS, copies
+                8 if shard else 1, shard, 1, LENGTH, CHECKPOINTING, 16, LENGTH + NEW_TOKENS, copies
             )
             peak = memory.plan(model, text, setting)["peak"]
-            fits = ["yes" if peak <= memory.ALLOCATOR_MARGIN * gb * 1e9 / memory.GIB else "no" for gb in (80, 96)]
-            size = memory.checkpoint_bytes(model, copies) / memory.GIB
-            rows.append(
-                f"| {method} | {trained / 1e9:.2f} B | {engine} | {world} | {max(1, micro)} | {peak:.1f} | "
-                f"{fits[0]} | {fits[1]} | {size:.1f} GiB |"
+            fits = " / ".join(
+                "yes" if peak <= memory.ALLOCATOR_MARGIN * gb * 1e9 / memory.GIB else "no" for gb in (80, 96)
             )
+            cells += [f"{peak:.1f}", fits] if not shard or spec.shardable else ["-", "-"]
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        flags = f"--method {method}" + (" --shard" if cells[1] != "yes / yes" and spec.shardable else "")
+        rows.append(
+            f"| {method} | {trained / 1e9:.2f} B | {' | '.join(cells)} | "
+            f"{memory.checkpoint_bytes(model, copies) / memory.GIB:.1f} GiB | `{flags}` |"
+        )
     return "\n".join(rows) + "\n"
 
 
