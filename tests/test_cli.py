@@ -94,3 +94,21 @@ def test_the_real_command_line_refuses_in_one_line_and_fast(tmp_path):
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "error:" in done.stderr and "numglue.json: file not found" in done.stderr
+
+
+def test_resume_may_change_only_what_changes_speed_or_memory(tmp_path, capsys):
+    # planted bugs: a resumed run that refuses a smaller evaluation batch after an out-of-memory (the old
+    # way), or one that accepts a new learning rate (the run would no longer be one run)
+    import dataclasses
+    import json
+
+    cfg, _ = config.parse_args(["--out", str(tmp_path / "run")])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    again, resume = config.parse_args(
+        ["--resume", str(tmp_path / "run"), "--eval-batch-size", "4", "--micro-batch-size", "2"]
+    )
+    assert resume and (again.eval_batch_size, again.micro_batch_size, again.lr) == (4, 2, cfg.lr)
+    with pytest.raises(SystemExit) as stop:
+        config.parse_args(["--resume", str(tmp_path / "run"), "--lr", "1e-3"])
+    assert stop.value.code == 2 and "drop --lr" in capsys.readouterr().err
