@@ -154,10 +154,11 @@ class Method:
         """Terms added to the task loss, by name (each is logged), for one micro-batch. batch holds the
         collated micro-batch (`input_ids`, `attention_mask`, `labels`, `examples`), its `inputs_embeds` and
         `logits`, `n_tokens` and `world` (the step's global count of answer tokens and the number of
-        processes: task_loss's normalization) and `share`, this micro-batch's share of the process's part
-        of the step. A term over answer tokens is divided by n_tokens and multiplied by world, as the task
-        loss; any other term (a penalty on the parameters, a mean over the batch) is multiplied by share,
-        so that the micro-batches of a step add up to it once."""
+        processes: task_loss's normalization), `items`, the step's global count of items, and `share`, this
+        micro-batch's share of the process's part of the step (0: a stand-in that must add nothing). A term
+        over answer tokens is divided by n_tokens and multiplied by world, as the task loss, and one over items
+        by items (times world); any other term (a penalty on the parameters) is multiplied by share, so that
+        the micro-batches of a step add up to it once."""
         return {}
 
     def evaluating(self, examples: list):
@@ -279,7 +280,7 @@ class _Consolidation(Method):
         """F and the anchors shaped as the sharded parameters (a resumed run loads them whole)."""
         from torch.distributed.tensor import distribute_tensor
 
-        params = adapter_params(self.model)
+        params = adapter_params(self.model)  # all in the sharded decoder layers (--shard trains no projector)
         self.importance = {
             n: distribute_tensor(v, params[n].device_mesh, params[n].placements) for n, v in self.importance.items()
         }
@@ -491,7 +492,7 @@ class L2P(Method):
     N prompts whose keys are nearest (cosine), and they are prepended to the language model's
     input embeddings in training and in generation (prefill; every decode step attends to them).
     A pull term draws the chosen keys to the queries: - lambda * sum over the N of cos(q, k), mean
-    over the batch. Only the pool trains; the model is frozen and has no adapters. Query: the
+    over the step's items (all processes'). Only the pool trains; the model is frozen and has no adapters. Query: the
     mean vision feature of the image for image tasks, the mean input embedding of the instruction
     for text-only tasks (our adaptation). Selection per input (the original votes per batch)."""
 
@@ -525,7 +526,7 @@ class L2P(Method):
 
     def inputs(self, batch, embeds, mask):
         chosen, sims = self.select(batch["examples"])
-        self._pull = sims.sum(dim=-1).mean()
+        self._pull = sims.sum()  # over the micro-batch's items and their N prompts
         prefix = self.pool.prompts[chosen].flatten(1, 2).to(embeds.dtype)  # (b, N L, d)
         return torch.cat([prefix, embeds], dim=1), torch.cat(
             [torch.ones(prefix.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1
@@ -535,7 +536,8 @@ class L2P(Method):
         unused = sum(
             key.sum() for key in self.pool.keys.values()
         )  # the other modality's keys too (times 0): DDP wants every parameter in the graph
-        return {"pull": batch["share"] * (-self.pull * self._pull) + 0.0 * unused}
+        per_item = batch["world"] / batch["items"] if batch["share"] else 0.0  # DDP averages over the processes
+        return {"pull": -self.pull * per_item * self._pull + 0.0 * unused}
 
 
 # ---- one expert per task, picked at inference: HiDe-LLaVA, DDAS ----
@@ -767,6 +769,7 @@ class Spec:
     flags: dict = field(default_factory=dict)  # name -> engine.Flag, values in cfg.method_args
     shardable: bool = False  # runs under FSDP2 (--shard)
     state_copies: float = 0  # adapter-sized fp32 tensors it keeps besides the model (the memory plan)
+    saved_copies: float = 0  # how many of them its checkpoints hold (EWC, MAS: the Fisher and the anchors)
 
 
 GAMMA = "F <- gamma F + F_t after each task (1: a sum over tasks; < 1: online EWC, Schwarz et al. 2018)"
@@ -805,6 +808,7 @@ METHODS = {  # the paper's Tables 1, 2 and 7, and the bounds
         adapters="one",
         shardable=True,
         state_copies=2,
+        saved_copies=2,
         flags={
             "ewc_lambda": Flag(
                 3e7, "lambda of (lambda/2) sum F (theta - theta*)^2 (DESIGN.md 7: how it was set)", min=0
@@ -817,6 +821,7 @@ METHODS = {  # the paper's Tables 1, 2 and 7, and the bounds
         adapters="one",
         shardable=True,
         state_copies=2,
+        saved_copies=2,
         flags={
             "mas_lambda": Flag(1.0, "lambda of (lambda/2) sum Omega (theta - theta*)^2 (Aljundi et al. 2018)", min=0),
             "mas_gamma": Flag(1.0, GAMMA.replace("F", "Omega"), min=0, max=1),

@@ -230,7 +230,7 @@ def memory_plan(cfg: RunConfig, tasks: list, world: int, device: torch.device | 
     )
     text = bundle.model.config.text_config
     rows = memory.plan(bundle.model, text, setting)
-    rows["one task checkpoint"] = memory.checkpoint_bytes(bundle.model, spec.state_copies) / memory.GIB
+    rows["one task checkpoint"] = memory.checkpoint_bytes(bundle.model, spec.saved_copies) / memory.GIB
     capacity = (
         cfg.gpu_memory * memory.GIB
         if cfg.gpu_memory
@@ -370,6 +370,15 @@ def settings_problems(cfg: RunConfig, given: dict, flags: dict) -> list[str]:
         problems.append("--recipe paper is LLaVA-1.5-7B's: add --model llava-hf/llava-1.5-7b-hf (or a local copy)")
     if cfg.batch_size < int(os.environ.get("WORLD_SIZE", 1)):
         problems.append(f"--batch-size {cfg.batch_size} is smaller than the {os.environ['WORLD_SIZE']} processes")
+    if cfg.shard and int(os.environ.get("WORLD_SIZE", 1)) == 1 and not cfg.dry_run:
+        problems.append(
+            "--shard splits the model over the processes of torchrun: run it with torchrun, or plan "
+            "it with --dry-run --gpus N"
+        )
+    if cfg.shard and cfg.train_projector:
+        problems.append(
+            "--shard keeps the projector whole on every rank; it trains no projector (drop --train-projector)"
+        )
     if cfg.shard and not spec.shardable:
         shardable = ", ".join(name for name, other in METHODS.items() if other.shardable)
         problems.append(f"--shard: {cfg.method} runs under DDP only (its memory: --dry-run); sharded: {shardable}")

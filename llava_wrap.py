@@ -401,18 +401,16 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def save_task(model: nn.Module, method_state: dict, folder: Path, t: int, key: str, keep_last: bool) -> None:
+def save_task(model: nn.Module, method_state: dict, folder: Path, t: int, key: str) -> None:
     """A finished task's checkpoint: folder/task{t}.safetensors (what trains and tracks) and, for methods with
-    state of their own (EWC, MAS, HiDe-LLaVA, DDAS), method{t}.safetensors. keep_last: the previous task's are
-    removed (resume needs only the newest). Every rank calls it (FSDP2's shards are gathered); rank 0 writes."""
+    state of their own (EWC, MAS, HiDe-LLaVA, DDAS), method{t}.safetensors. Every rank calls it (FSDP2's
+    shards are gathered); rank 0 writes."""
     trained, method_state = full(adapter_state(model)), full(method_state)
     if not is_main():
         return
     save_adapters(model, folder / f"task{t}.safetensors", {"task": key}, trained)
     if method_state:
         save_tensors(method_state, folder / f"method{t}.safetensors")
-    for old in (folder / f"task{t - 1}.safetensors", folder / f"method{t - 1}.safetensors") if keep_last else ():
-        old.unlink(missing_ok=True)
 
 
 def shard_llava(model: nn.Module, bf16: bool) -> None:

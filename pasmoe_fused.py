@@ -5,7 +5,7 @@ the model runs in bf16 (for the energy), the gated z * pi (for B's gradient) and
 copy of every adapter's drift A - A*. The Functions below keep only tensors that live anyway (z, pi,
 the parameters, the anchors) and recompute the rest, so a layer stores what a LoRA of rank E * r stores.
 tests/test_pasmoe.py checks them against pasmoe.py (outputs, gradients, saved bytes) and gradcheck;
-bench.py times both against a plain LoRA.
+lab/bench.py times both against a plain LoRA.
 """
 
 from __future__ import annotations

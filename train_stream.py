@@ -71,6 +71,8 @@ class Run:
 def setup(cfg: RunConfig, resume: bool) -> tuple[Run, dict]:
     """Processes, tasks, model, the preflight, the method, and the state (fresh or resumed)."""
     rank, world, device = init_processes(cfg.device)
+    if world > 1:  # each rank named a default run directory by its own clock: rank 0's name for all
+        cfg.out = gather(cfg.out)[0]
     tasks = config.load_tasks(cfg)
     if device.type == "cuda" and (too_big := config.memory_plan(cfg, tasks, world, device)[1]):
         raise llava_wrap.ModelError(f"this run does not fit its GPUs (nothing was loaded): {too_big}")
@@ -163,7 +165,8 @@ def train_step(run: Run, batch: list) -> tuple[torch.Tensor, dict]:
     parts = micro_batches(batch, run.rank, run.world, run.cfg.micro_batch_size)
     collated = [llava_wrap.to_device(run.collate.train(items), run.device) for items, _ in parts]
     for b, (_, share) in zip(collated, parts):
-        b["labels"].masked_fill_(torch.tensor(share == 0), data.IGNORE)  # a stand-in micro-batch adds nothing
+        if share == 0:  # a stand-in micro-batch: it keeps the ranks in step and adds nothing
+            b["labels"].fill_(data.IGNORE)
     n_tokens = sum((b["labels"][:, 1:] != data.IGNORE).sum() for b in collated)  # the whole step's, all ranks
     if run.world > 1:
         dist.all_reduce(n_tokens)
@@ -183,12 +186,14 @@ def train_step(run: Run, batch: list) -> tuple[torch.Tensor, dict]:
                     "logits": logits,
                     "n_tokens": n_tokens,
                     "world": run.world,
+                    "items": len(batch),
                     "share": share,
                 }
             )
             (part + sum(v.to(part.device) for v in terms.values())).backward()
         loss = loss + part.detach()
-        extra = {k: extra.get(k, 0.0) + v.detach() for k, v in terms.items()}
+        # a term may be a CPU zero (Eq. 11 before any task has ended)
+        extra = {k: extra.get(k, 0.0) + v.detach().to(part.device) for k, v in terms.items()}
     finish_gradients(run.model)
     return loss, extra
 
@@ -198,7 +203,8 @@ def train_task(run: Run, t: int, examples: list) -> None:
     cfg, key = run.cfg, run.tasks[t].key
     seed_everything(cfg.seed * 1000 + t)
     params = [p for p in run.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # FSDP2 puts sharded and whole parameters in one list, which AdamW's foreach kernels refuse to mix
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False if cfg.shard else None)
     tail = len(examples) % cfg.batch_size
     if 0 < tail < run.world and is_main():
         print(
@@ -325,17 +331,12 @@ def run_task(run: Run, state: dict, t: int) -> None:
         run.method.end_task(t)
     state["train_s"].append(round(time.time() - start, 2))
     state["trained"].append(examples is not None)
-    llava_wrap.save_task(
-        run.bundle.model,
-        run.method.state_dict(),
-        run.dir.path / "ckpt",
-        t + 1,
-        run.tasks[t].key,
-        keep_last=run.cfg.keep_checkpoints == "last",
-    )
+    llava_wrap.save_task(run.bundle.model, run.method.state_dict(), run.dir.path / "ckpt", t + 1, run.tasks[t].key)
     if is_main():
         state["completed"] = t + 1
         run.dir.save_state(state)  # trained and saved: a crash in the evaluation below does not retrain it
+        for old in ("task", "method") if run.cfg.keep_checkpoints == "last" else ():  # resume needs the newest
+            (run.dir.path / "ckpt" / f"{old}{t}.safetensors").unlink(missing_ok=True)  # once the state says so
     evaluate_after(run, state, t)
 
 

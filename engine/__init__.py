@@ -4,6 +4,8 @@
     runs.py        a run directory (config, per-step log, state, checkpoints), written whole or not at all
     steps.py       the schedule and the optimizer step that every training loop uses; the step log
     processes.py   torchrun's processes and devices, the one check of torch.distributed
+    memory.py      the memory plan of a run (--dry-run), from a model built on the meta device
 
-Nothing here knows the method or the model: torch and the standard library only.
+Nothing here knows the method or the model: torch and the standard library only (runs.py asks
+transformers for its version, to record it).
 """

@@ -4,7 +4,7 @@ before it loads 14 GB of weights and trains a task for hours (`python train_stre
 The model is built on the meta device (shapes, no memory) with the run's adapters and trainable parts; its
 parameters and buffers are counted exactly. Activations are estimated per token of a Llama decoder layer in
 bf16 with fused attention, from the tensors autograd keeps (measured on CPU for this code: about 24.5 h + 8 i
-bytes per token for hidden size h and MLP width i; tests/test_memory.py checks it against a measurement),
+bytes per token for hidden size h and MLP width i; tests/test_scale.py checks it against a measurement),
 plus each PASs layer's z (2 E r bytes) and pi (4 E bytes) per token and the bf16 copies of its adapters
 that autocast makes. With gradient checkpointing a layer keeps only its input (2 h bytes per token) and one
 layer's activations exist at a time. The peak is the larger of training and evaluation (the optimizer's
@@ -37,7 +37,8 @@ class Setting:
 
 
 def _is_sharded(name: str) -> bool:
-    return ".layers." in name or name.startswith("lm_head.")
+    """What llava_wrap.shard_llava shards: the language model's decoder layers and the LM head."""
+    return name.startswith(("model.language_model.layers.", "lm_head."))
 
 
 def plan(model: torch.nn.Module, text_config, s: Setting) -> dict[str, float]:
@@ -70,6 +71,7 @@ def plan(model: torch.nn.Module, text_config, s: Setting) -> dict[str, float]:
         "FSDP2 gathered layers (bf16, 2 at a time)": gathered if s.shard else 0,
     }
     kv_cache = 2 * L * s.eval_batch * s.eval_length * h * 2
+    buckets = master if s.world > 1 and not s.shard else 0  # DDP's gradient buckets stay allocated
     evaluation = {
         k: train[k]
         for k in (
@@ -80,6 +82,7 @@ def plan(model: torch.nn.Module, text_config, s: Setting) -> dict[str, float]:
         )
     }
     evaluation |= {
+        "DDP's gradient buckets": buckets,
         "KV cache of generation": kv_cache,
         "FSDP2 gathered layers (bf16, 2 at a time)": train["FSDP2 gathered layers (bf16, 2 at a time)"],
     }
@@ -87,7 +90,9 @@ def plan(model: torch.nn.Module, text_config, s: Setting) -> dict[str, float]:
     rows["peak of training"] = sum(train.values()) / GIB
     rows["KV cache of generation"] = kv_cache / GIB
     rows["peak of evaluation"] = sum(evaluation.values()) / GIB
-    rows["peak"] = max(rows["peak of training"], rows["peak of evaluation"])
+    # before sharding, every rank holds the whole model as the method prepared it (seqft: its LM in fp32)
+    rows["peak of setup (before sharding)"] = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+    rows["peak"] = max(rows["peak of training"], rows["peak of evaluation"], rows["peak of setup (before sharding)"])
     return rows
 
 
@@ -138,8 +143,9 @@ def _units(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def checkpoint_bytes(model: torch.nn.Module, state_copies: float) -> float:
-    """One task checkpoint: the trained parameters in fp32, the importance statistics, the method's state
-    (anchors are not stored: they equal the adapters when a task ends)."""
+    """One task checkpoint: the trained parameters in fp32, the importance statistics, and `state_copies`
+    adapter-sized tensors of the method's own (EWC, MAS: 2; anchors are not stored: they equal the adapters
+    when a task ends)."""
     trained = sum(4 * p.numel() for p in model.parameters() if p.requires_grad)
     stats = sum(b.numel() * 4 for n, b in model.named_buffers() if "importance" in n)
     return trained * (1 + state_copies) + stats

@@ -132,8 +132,9 @@ def lockstep(items: list, rank: int, world: int) -> list:
 
 
 def full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Whole tensors from sharded ones (every rank must call it: FSDP2's shards are gathered)."""
-    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in tensors.items()}
+    """Whole tensors from sharded ones, on the CPU (every rank must call it: FSDP2's shards are gathered),
+    one tensor at a time, so that a GPU never holds more than one whole tensor of it."""
+    return {k: v.full_tensor().cpu() if hasattr(v, "full_tensor") else v for k, v in tensors.items()}
 
 
 def gather(value) -> list:

@@ -63,7 +63,7 @@ def table() -> str:
         flags = f"--method {method}" + (" --shard" if cells[1] != "yes / yes" and spec.shardable else "")
         rows.append(
             f"| {method} | {trained / 1e9:.2f} B | {' | '.join(cells)} | "
-            f"{memory.checkpoint_bytes(model, copies) / memory.GIB:.1f} GiB | `{flags}` |"
+            f"{memory.checkpoint_bytes(model, spec.saved_copies) / memory.GIB:.1f} GiB | `{flags}` |"
         )
     return "\n".join(rows) + "\n"
 

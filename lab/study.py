@@ -164,6 +164,19 @@ def run_study(base: config.RunConfig, out_dir: Path, parts: list[str]) -> None:
                     lock.unlink()
 
 
+def plan_problems(base: config.RunConfig, parts: list[str]) -> list[str]:
+    """What a planned run's settings would refuse (train_stream.py's checks), found before the first run starts."""
+    found = {}
+    for part in parts:
+        variants, _ = PLAN[part]
+        for method, overrides in variants:
+            cfg = dataclasses.replace(planned(base, method, 0, overrides), out="/nonexistent/run")
+            flags = config.dataclass_flags(config.RunConfig)[0] | METHODS[method].flags
+            for problem in config.settings_problems(cfg, {}, flags):
+                found.setdefault(problem, f"[{part}] {method}: {problem}")
+    return list(found.values())
+
+
 def take_lock(lock: Path) -> bool:
     """Create `lock` holding this process's host and pid. A lock whose process, on this host, is
     gone (a killed study) is taken over; one of a live process, or of another host, is not."""
@@ -200,6 +213,7 @@ DEFAULTS = {
     "replay_fraction": METHODS["replay"].flags["replay_fraction"].default,
     "temperature": config.RunConfig.temperature,
 }  # the main comparison's settings
+BEFORE = {"mixture_scale": "paper"}  # what runs saved before a setting existed used
 
 
 def select(runs: list[dict], method: str | None = None, **want) -> list[dict]:
@@ -211,7 +225,7 @@ def select(runs: list[dict], method: str | None = None, **want) -> list[dict]:
             r
             for r in runs
             if (method is None or r["method"] == method)
-            and all(r["config"].get(k, DEFAULTS.get(k)) == v for k, v in want.items())
+            and all(r["config"].get(k, BEFORE.get(k, DEFAULTS.get(k))) == v for k, v in want.items())
         ),
         key=lambda r: r["config"]["seed"],
     )
@@ -824,9 +838,13 @@ def main(argv=None) -> None:
     if varied:
         parser.error(f"the study sets {', '.join(varied)} itself (its plan varies them, and its tables select by them)")
     if not args.report:
-        if {"--out", "--resume"} & {f.split("=")[0] for f in shared}:
-            parser.error("the study chooses each run's --method, --seed and --out itself; --resume does not apply")
+        if {"--out", "--resume", "--dry-run"} & {f.split("=")[0] for f in shared}:
+            parser.error(
+                "the study chooses each run's --method, --seed and --out itself; --resume and --dry-run do not apply"
+            )
         base, _ = config.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in SHARED.items()] + shared)
+        if problems := plan_problems(base, args.parts):
+            parser.error("; ".join(problems))
         run_study(base, args.dir, args.parts)
     fill_docs(args.docs, report(args.dir))
 

@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
         (["--rank", "4", "--total-rank", "24"], "--rank and --total-rank both given"),
         (["--gpus", "8"], "--gpus does nothing in this run: it is read by --dry-run"),
         (["--method", "olora", "--weight-decay", "0.1"], "olora needs --weight-decay 0"),
+        (["--method", "seqlora", "--shard"], "run it with torchrun, or plan it with --dry-run"),  # one process
+        (["--method", "seqlora", "--shard", "--train-projector", "--dry-run"], "it trains no projector"),
     ],
 )
 def test_a_bad_flag_stops_in_one_line_before_anything_loads(argv, says, capsys):

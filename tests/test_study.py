@@ -222,3 +222,27 @@ def test_lesson_quotes_every_seed_of_order_a_and_what_holds_in_each(tmp_path):
     assert not any("points of OCR" in row for row in rows)  # a task the stream lacks: no row
     assert "| 1 | seqlora forgets numglue | 3 of 3 seeds |" in rows
     assert "| 2 | joint training beats sequential fine-tuning | 1 of 2 seeds |" in rows  # the means would say yes
+
+
+# ---- before and across the runs ----
+
+
+def test_a_setting_a_planned_run_refuses_stops_the_study_before_its_first_run(tmp_path, capsys, monkeypatch):
+    # planted bug: the study starts its 397 runs and dies hours in, at the first olora run, which
+    # refuses weight decay (or a shared --dry-run that makes every run an instant plan)
+    started = []
+    monkeypatch.setattr(study, "run_study", lambda *args: started.append(args))
+    for flags in (["--weight-decay", "0.01"], ["--dry-run"]):
+        with pytest.raises(SystemExit):
+            study.main([str(tmp_path / "s"), *flags])
+    assert not started
+    assert "olora needs --weight-decay 0" in capsys.readouterr().err
+
+
+def test_runs_saved_before_the_scale_setting_count_as_paper_scale(tmp_path):
+    # planted bug: an old run directory without mixture_scale taken as a scale-matched run
+    old = write_run(tmp_path / "old", "pasmoe", 0, [[80.0]], tasks=("x",))
+    old["config"].pop("mixture_scale")
+    new = write_run(tmp_path / "new", "pasmoe", 0, [[70.0]], tasks=("x",))
+    assert study.select([old, new], "pasmoe") == [new]
+    assert study.select([old, new], "pasmoe", mixture_scale="paper") == [old]

@@ -322,12 +322,14 @@ def test_two_processes_train_what_a_method_adds_or_unfreezes_as_one_does(cache, 
     # planted bugs: DDP wrapping the model before the method adds its prompt pool or unfreezes the
     # language model (their gradients are then never averaged: the ranks drift apart from one
     # process); the projector, trained by seqft, left out of the graph on a text-only batch (DDP
-    # then stops at the second step of numglue)
+    # then stops at the second step of numglue); L2P's pull averaged within each rank's part (batches
+    # of 5 split 3 and 2: the items of the smaller part then weigh 1/4 instead of 1/5)
     one, two = tmp_path / "one", tmp_path / "two"
+    uneven = ["--batch-size", "5", "--n-train", "15"] if method == "l2p" else []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank below: only the split of the batch differs
     try:
-        ts.run(small(cache, one, "--method", method))
+        ts.run(small(cache, one, "--method", method, *uneven))
     finally:
         torch.set_num_threads(threads)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {
@@ -340,7 +342,7 @@ def test_two_processes_train_what_a_method_adds_or_unfreezes_as_one_does(cache, 
         "--nproc_per_node=2",
         f"--master_port={free_port()}",
         str(ROOT / "train_stream.py"),
-        *only_read(SMALL + ["--method", method]),
+        *only_read(SMALL + ["--method", method, *uneven]),
         "--cache-dir",
         cache,
         "--out",
