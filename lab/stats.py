@@ -54,10 +54,13 @@ def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) 
     return mean_interval([x - y for x, y in zip(a, b)], confidence)
 
 
-def prediction_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+def prediction_interval(
+    values: list[float], confidence: float = 0.95, bounds: tuple[float, float] = (-math.inf, math.inf)
+) -> tuple[float, float]:
     """Where one more draw (a new seed, or the same seed on another machine) falls with this confidence:
-    mean +- t(n - 1) * sd * sqrt(1 + 1/n), the seeds taken as normal. Used for the ranges the documents
-    quote, which must hold for a newcomer's run, not only for the study's seeds."""
+    mean +- t(n - 1) * sd * sqrt(1 + 1/n), the seeds taken as normal, cut to the values the quantity can
+    take (`bounds`: a score cannot leave [0, 100]). Used for the ranges the documents quote, which must
+    hold for a newcomer's run, not only for the study's seeds."""
     n, mean, sd = len(values), statistics.mean(values), statistics.stdev(values)
     half = t_quantile(0.5 + confidence / 2, n - 1) * sd * math.sqrt(1 + 1 / n)
-    return mean - half, mean + half
+    return max(mean - half, bounds[0]), min(mean + half, bounds[1])

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import socket
@@ -547,6 +548,8 @@ LESSON = [  # (exercise, what, method, overrides, quantity): the outcomes LESSON
     ("4", "ewc BWT", "ewc", {}, "bwt"),
     ("4", "ewc: fomc right after its training", "ewc", {}, "diag:fomc"),
     ("4", "seqlora: fomc right after its training", "seqlora", {}, "diag:fomc"),
+    ("4", "mas AP", "mas", {}, "ap"),
+    ("4", "mas BWT", "mas", {}, "bwt"),
     ("4", "l2 AP", "l2", {}, "ap"),
     ("4", "l2 BWT", "l2", {}, "bwt"),
     *[("5", f"router drift, {m}", m, {}, "drift") for m in ("moelora-topk", "moelora", "pas-rw", "pasmoe")],
@@ -596,6 +599,11 @@ STATEMENTS = [  # (exercise, statement, a, b); a and b: (method, overrides, quan
 ]
 
 
+# What each quantity can take: a prediction interval is cut to it (a score above 100 is no prediction).
+BOUNDS = {"ap": (0, 100), "lowest_diag": (0, 100), "diag": (0, 100), "top10": (0, 100), "drift": (0, 1)}
+BOUNDS |= {"decile": (0, math.inf)}  # forgot, bwt: a difference of two scores, in [-100, 100]
+
+
 def _lesson_value(run: dict, quantity: str) -> float | None:
     """lowest_diag: the lowest score right after a task's own training; diag:TASK: that score of one
     task; forgot:TASK: how far that task fell from it by the end; else as `_value`."""
@@ -620,22 +628,25 @@ def _lesson_values(runs: list[dict], what) -> dict[int, float]:
     }
 
 
-def lesson(runs: list[dict]) -> str:
+def lesson(runs: list[dict], only: str | None = None) -> str:
     """The outcomes LESSON.md quotes (order A): over every seed run, the range, and the 95% prediction
     interval for one more seed (where a newcomer's run, on any machine, should land); then the lesson's
-    statements, each with the seeds in which it holds."""
+    statements, each with the seeds in which it holds. only: one exercise's rows (shown under it)."""
     rows = ["| exercise | what | seeds | range over the seeds | a new seed: 95% |", "|---|---|---|---|---|"]
     for exercise, what, method, overrides, quantity in LESSON:
+        if only not in (None, exercise):
+            continue
         values = list(_lesson_values(runs, (method, overrides, quantity)).values())
         if len(values) > 1:
             digits = 3 if quantity == "drift" else 2 if quantity == "decile" else 1
-            low, high = prediction_interval(values)
+            low, high = prediction_interval(values, bounds=BOUNDS.get(quantity.partition(":")[0], (-100, 100)))
             rows.append(
                 f"| {exercise} | {what} | {len(values)} | {min(values):.{digits}f} to {max(values):.{digits}f} | "
                 f"{low:.{digits}f} to {high:.{digits}f} |"
             )
-    rows += ["", "| exercise | statement (a > b, seed by seed) | holds in |", "|---|---|---|"]
-    for exercise, statement, a, b in STATEMENTS:
+    statements = [row for row in STATEMENTS if only in (None, row[0])]
+    rows += ["", "| exercise | statement (a > b, seed by seed) | holds in |", "|---|---|---|"] if statements else []
+    for exercise, statement, a, b in statements:
         va = _lesson_values(runs, a if isinstance(a, tuple) else (a,))
         vb = _lesson_values(runs, b if isinstance(b, tuple) else (b,))
         seeds = sorted(vb) if "any" in va else sorted(va) if "any" in vb else sorted(set(va) & set(vb))
@@ -674,7 +685,7 @@ def first_run(runs: list[dict]) -> str:
     cells = []
     for metric in ("ap", "bwt"):
         values = [r["metrics"][metric] for r in rs]
-        low, high = prediction_interval(values)
+        low, high = prediction_interval(values, bounds=BOUNDS.get(metric, (-100, 100)))
         cells.append(
             f"{metric.upper()} {low:.1f} to {high:.1f} (the study's {len(values)} seeds: {min(values):.1f} to "
             f"{max(values):.1f})"
@@ -791,7 +802,8 @@ def report(study_dir: str | Path) -> dict[str, tuple[str, str]]:
     text = "\n".join(f"### {title}\n\n{body}" if title else body for title, body in found.values() if body.strip())
     (study_dir / "results.md").write_text(text)
     print(text + f"\nwritten to {study_dir / 'results.md'}")
-    return found | {"all": ("", text)}
+    exercises = {f"lesson-{e}": ("", lesson(runs, e)) for e in dict.fromkeys(row[0] for row in LESSON)}
+    return found | exercises | {"all": ("", text)}
 
 
 BLOCK = re.compile(r"(<!-- study table: ([\w-]+) -->\n).*?(<!-- end of study table -->)", re.S)

@@ -9,7 +9,7 @@ import pytest
 
 from evaluate import load_run
 from lab import study
-from lab.stats import paired_difference, t_quantile
+from lab.stats import paired_difference, prediction_interval, t_quantile
 
 DEFAULT_LA = 5e-4
 
@@ -43,6 +43,20 @@ def test_paired_interval_has_its_coverage_at_5_to_20_seeds(n):
         _, low, high = paired_difference(a, b)
         hits += low <= 0.7 <= high
     assert 0.935 <= hits / 3000 <= 0.965  # 3000 sets: a binomial SE of 0.4 points
+
+
+@pytest.mark.parametrize("n", [3, 5, 10])
+def test_a_new_seed_falls_in_the_prediction_interval_95_times_in_100(n):
+    # planted bugs: the confidence interval of the mean (sd / sqrt(n): covers a new draw ~65% at n = 5),
+    # z instead of t, the sqrt(1 + 1/n) factor left out
+    rng = random.Random(n)
+    hits = 0
+    for _ in range(3000):
+        seeds = [rng.gauss(80.0, 4.0) for _ in range(n)]
+        low, high = prediction_interval(seeds)
+        hits += low <= rng.gauss(80.0, 4.0) <= high
+    assert 0.935 <= hits / 3000 <= 0.965
+    assert prediction_interval([98.0, 99.0, 100.0], bounds=(0, 100))[1] == 100  # a score stays a score
 
 
 def test_pairing_narrows_the_interval_when_seeds_are_correlated():
