@@ -370,7 +370,7 @@ def settings_problems(cfg: RunConfig, given: dict, flags: dict) -> list[str]:
         problems.append("--recipe paper is LLaVA-1.5-7B's: add --model llava-hf/llava-1.5-7b-hf (or a local copy)")
     if cfg.batch_size < int(os.environ.get("WORLD_SIZE", 1)):
         problems.append(f"--batch-size {cfg.batch_size} is smaller than the {os.environ['WORLD_SIZE']} processes")
-    if cfg.shard and int(os.environ.get("WORLD_SIZE", 1)) == 1 and not cfg.dry_run:
+    if cfg.shard and "RANK" not in os.environ and not cfg.dry_run:
         problems.append(
             "--shard splits the model over the processes of torchrun: run it with torchrun, or plan "
             "it with --dry-run --gpus N"

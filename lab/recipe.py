@@ -1,6 +1,6 @@
 """RECIPE_7B.md's table: for every method of the paper's Table 1 at LLaVA-1.5-7B with the paper's recipe, the
-trainable parameters, the memory per GPU under DDP and FSDP2 on 1 and 8 GPUs, whether that fits GPUs of 80
-and 96 GB, and one task checkpoint. Counted by engine/memory.py on the model built on the meta device with
+trainable parameters, the memory per GPU on 1 GPU and on 8 under DDP and FSDP2, the smallest of 80 and 96 GB
+GPUs that holds it, and one task checkpoint. Counted by engine/memory.py on the model built on the meta device with
 llava-1.5-7b-hf's configuration: arithmetic, not a measurement (lab/gpu_smoke.py measures).
 
     python -m lab.recipe                      print the table
@@ -39,28 +39,30 @@ def meta_model(method: str) -> tuple[torch.nn.Module, float]:
     return model, METHODS[method].state_copies
 
 
+def fits(peak: float) -> str:
+    """The smallest of the two GPU sizes this peak (GiB per GPU) fits, leaving CUDA its margin."""
+    sizes = [gb for gb in (80, 96) if peak <= memory.ALLOCATOR_MARGIN * gb * 1e9 / memory.GIB]
+    return f"{peak:.1f} (fits {sizes[0]} GB)" if sizes else f"{peak:.1f} (fits neither)"
+
+
 def table() -> str:
     rows = [
-        "| method | trained parameters | DDP: GiB per GPU, 1 or 8 GPUs | fits 80 / 96 GB | FSDP2 on 8 GPUs | "
-        "fits 80 / 96 GB | one task checkpoint | add to the recipe's command |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | trained parameters | 1 GPU: GiB | 8 GPUs, DDP: GiB per GPU | 8 GPUs, FSDP2: GiB per GPU | "
+        "one task checkpoint | add to the recipe's command |",
+        "|---|---|---|---|---|---|---|",
     ]
     for method, spec in METHODS.items():
         if method in ("pasmoe-random", "l2", "pas-rw", "moelora-topk"):  # as pasmoe or moelora, to the gigabyte
             continue
         model, copies = meta_model(method)
-        text, cells = model.config.text_config, []
-        for shard in (False, True):
-            setting = memory.Setting(
-                8 if shard else 1, shard, 1, LENGTH, CHECKPOINTING, 16, LENGTH + NEW_TOKENS, copies
-            )
-            peak = memory.plan(model, text, setting)["peak"]
-            fits = " / ".join(
-                "yes" if peak <= memory.ALLOCATOR_MARGIN * gb * 1e9 / memory.GIB else "no" for gb in (80, 96)
-            )
-            cells += [f"{peak:.1f}", fits] if not shard or spec.shardable else ["-", "-"]
+        text, peaks = model.config.text_config, []
+        for world, shard in ((1, False), (8, False), (8, True)):
+            setting = memory.Setting(world, shard, 1, LENGTH, CHECKPOINTING, 16, LENGTH + NEW_TOKENS, copies)
+            peaks.append(memory.plan(model, text, setting)["peak"] if spec.shardable or not shard else None)
+        cells = [fits(peak) if peak is not None else "-" for peak in peaks]
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        flags = f"--method {method}" + (" --shard" if cells[1] != "yes / yes" and spec.shardable else "")
+        too_big = peaks[1] > memory.ALLOCATOR_MARGIN * 80e9 / memory.GIB
+        flags = f"--method {method}" + (" --shard" if too_big and spec.shardable else "")
         rows.append(
             f"| {method} | {trained / 1e9:.2f} B | {' | '.join(cells)} | "
             f"{memory.checkpoint_bytes(model, spec.saved_copies) / memory.GIB:.1f} GiB | `{flags}` |"

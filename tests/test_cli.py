@@ -114,3 +114,12 @@ def test_resume_may_change_only_what_changes_speed_or_memory(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         config.parse_args(["--resume", str(tmp_path / "run"), "--lr", "1e-3"])
     assert stop.value.code == 2 and "drop --lr" in capsys.readouterr().err
+
+
+def test_shard_runs_under_torchrun_even_as_one_process(monkeypatch, tmp_path):
+    # planted bug: --shard refused by the process count (WORLD_SIZE 1) instead of by the launcher, so
+    # `torchrun --nproc_per_node=1 ... --shard`, a legitimate first test of the sharded path, stops
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cfg, _ = config.parse_args(["--method", "seqlora", "--shard", "--out", str(tmp_path / "run")])
+    assert cfg.shard

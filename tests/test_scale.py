@@ -321,6 +321,20 @@ def test_the_dry_run_plans_the_7b_without_reading_a_weight(tmp_path, capsys):
     assert done.value.code == 1 and "does not fit" in out and "--shard on 2 GPUs" in out
 
 
+def test_recipe_7b_shows_the_table_the_plan_computes_today():
+    # planted bugs: a change to the plan or to a method's state (Spec.saved_copies, state_copies) without
+    # the table regenerated (python -m lab.recipe --docs RECIPE_7B.md), so the document promises a fit
+    # the code no longer computes; seqft's row without --shard although it fits no GPU under DDP
+    from lab import recipe
+
+    table = recipe.table()
+    assert table in (ROOT / "RECIPE_7B.md").read_text(), (
+        "RECIPE_7B.md is stale: python -m lab.recipe --docs RECIPE_7B.md"
+    )
+    seqft = next(line for line in table.splitlines() if line.startswith("| seqft |"))
+    assert "(fits neither)" in seqft and "--method seqft --shard" in seqft
+
+
 def test_the_plans_activations_match_what_autograd_keeps(tmp_path):
     # planted bug: an activation estimate that misses the MLP's intermediate tensors or the adapters' z
     from transformers import LlamaConfig
