@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class PlainLoRA(nn.Module):
+    """One LoRA of a given rank on a frozen Linear: the baseline of time and memory."""
+
     def __init__(self, base: nn.Linear, rank: int):
         super().__init__()
         self.base = base.requires_grad_(False)

@@ -1,37 +1,4 @@
-"""Helpers shared by the tests (kept here, so no test depends on bench.py)."""
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-
-class PlainLoRA(nn.Module):
-    """One LoRA of a given rank on a frozen Linear: the memory baseline for the PASs layer."""
-
-    def __init__(self, base: nn.Linear, rank: int):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.A = nn.Parameter(torch.randn(rank, base.in_features, **kw) / base.in_features**0.5)
-        self.B = nn.Parameter(torch.randn(base.out_features, rank, **kw) * 0.01)
-
-    def forward(self, x):
-        return self.base(x) + F.linear(F.linear(x, self.A), self.B)
-
-
-def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward in one forward, parameters and the input excluded."""
-    skip = {p.data_ptr() for p in module.parameters()} | {x.data_ptr()}
-    seen = {}
-
-    def pack(t):
-        if t.data_ptr() not in skip:
-            seen[t.data_ptr()] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x).sum()
-    return sum(seen.values())
+"""Helpers shared by the tests: the flags of a small run, and those flags cut to what a method reads."""
 
 
 def only_read(argv: list[str]) -> list[str]:
@@ -47,3 +14,12 @@ def only_read(argv: list[str]) -> list[str]:
         groups.append(argv[i : i + 1 + takes])
         i += 1 + takes
     return [a for group in groups if group[0][2:].replace("-", "_") not in unread for a in group]
+
+
+# A two-task stream that runs in seconds: 16 training and 4 test items per task, short answers, a base
+# pretrained for 3 steps, 3 experts of rank 2. The training settings are the caller's (LESSON's commands
+# keep their own); SMALL adds a batch and a learning rate at which 16 items visibly train.
+REDUCED = ["--order", "numglue,art", "--n-train", "16", "--n-test", "4", "--epochs", "1", "--max-new-tokens", "8"]
+REDUCED += ["--eval-batch-size", "8", "--probe-size", "2", "--tiny-pretrain-steps", "3", "--num-experts", "3"]
+REDUCED += ["--rank", "2"]
+SMALL = REDUCED + ["--batch-size", "8", "--lr", "5e-3"]

@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from helpers import only_read
+from helpers import REDUCED, only_read
 
 import train_stream as ts
 
@@ -20,28 +20,6 @@ COMMANDS = [
     if lang == "bash"
     for line in block.splitlines()
     if line.startswith("python train_stream.py")
-]
-REDUCED = [
-    "--order",
-    "numglue,art",
-    "--n-train",
-    "16",
-    "--n-test",
-    "4",
-    "--epochs",
-    "1",
-    "--max-new-tokens",
-    "8",
-    "--eval-batch-size",
-    "8",
-    "--probe-size",
-    "2",
-    "--tiny-pretrain-steps",
-    "3",
-    "--num-experts",
-    "3",
-    "--rank",
-    "2",
 ]
 
 

@@ -96,7 +96,7 @@ def test_forward_gate_and_gradients_match_float64_loop(kind, top_k):
 def test_fused_layer_equals_the_plain_one_and_keeps_less():
     # planted bugs: a fused backward that drops a term (gradients differ), or one that keeps z * pi
     # or an fp32 copy of z (it would keep as much as plain autograd)
-    from helpers import saved_bytes
+    from lab.bench import saved_bytes
 
     plain, fused = make_layer("plain", E=4), make_layer("fused", E=4)
     x = torch.randn(3, 7, D_IN, requires_grad=True)
@@ -439,7 +439,7 @@ def test_reads_inputs_as_a_linear_does_float64_and_unbatched_too(kind):
 def test_fused_layer_keeps_what_a_lora_of_the_same_total_rank_keeps(dtype):
     """Deterministic memory check (timings live in lab/bench.py): the fused layer keeps z and pi only."""
     # planted bug: autograd-written gate and mixing in the fused layer (keeps z * pi and fp32 z: ~2.5x)
-    from helpers import PlainLoRA, saved_bytes
+    from lab.bench import PlainLoRA, saved_bytes
 
     n, d, E, r = 64, 32, 4, 8
     base = nn.Linear(d, d).to(dtype)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import realformat as rf
 import torch
-from helpers import only_read
+from helpers import SMALL, only_read
 from safetensors.torch import load_file
 
 import config
@@ -29,30 +29,6 @@ from engine.runs import RunDir, RunDirError
 from engine.steps import micro_batches
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = [
-    "--order",
-    "numglue,art",
-    "--n-train",
-    "16",
-    "--n-test",
-    "4",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "8",
-    "--max-new-tokens",
-    "8",
-    "--eval-batch-size",
-    "8",
-    "--tiny-pretrain-steps",
-    "3",
-    "--num-experts",
-    "3",
-    "--rank",
-    "2",
-    "--lr",
-    "5e-3",
-]
 
 
 @pytest.fixture(scope="module")

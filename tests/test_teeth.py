@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import only_read
+from helpers import SMALL, only_read
 from safetensors.torch import load_file
 from torch import nn
 
@@ -30,32 +30,6 @@ from engine.runs import RunDir
 from lab import stats, study
 from pasmoe import PASsConfig, inject
 
-SMALL = [
-    "--order",
-    "numglue,art",
-    "--n-train",
-    "16",
-    "--n-test",
-    "4",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "8",
-    "--max-new-tokens",
-    "8",
-    "--eval-batch-size",
-    "8",
-    "--probe-size",
-    "2",
-    "--tiny-pretrain-steps",
-    "3",
-    "--num-experts",
-    "3",
-    "--rank",
-    "2",
-    "--lr",
-    "5e-3",
-]
 CPU = torch.device("cpu")
 
 
@@ -127,7 +101,8 @@ def test_paired_interval_half_width_uses_n_minus_1_degrees_of_freedom(n, t):
 
 # ---- 3. which runs the study reads for a claim ----
 
-MAIN = {"num_experts": 6, "lambda_a": 5e-4, "lambda_b": 5e-5, "replay_fraction": 0.1, "temperature": 1.0}  # RunConfig's
+MAIN = {"num_experts": 6, "lambda_a": 5e-4, "lambda_b": 5e-5, "replay_fraction": 0.1, "temperature": 1.0}
+MAIN |= {"mixture_scale": "matched"}  # as RunConfig saves them
 SEEDS = range(10)  # the claims' planned seeds
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import only_read
+from helpers import SMALL, only_read
 from safetensors.torch import load_file
 
 import config
@@ -26,32 +26,6 @@ import train_stream as ts
 from engine.runs import RunDir, logged_task
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = [
-    "--order",
-    "numglue,art",
-    "--n-train",
-    "16",
-    "--n-test",
-    "4",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "8",
-    "--max-new-tokens",
-    "8",
-    "--eval-batch-size",
-    "8",
-    "--probe-size",
-    "2",
-    "--tiny-pretrain-steps",
-    "3",
-    "--num-experts",
-    "3",
-    "--rank",
-    "2",
-    "--lr",
-    "5e-3",
-]
 LEARN = [
     "--order",
     "fomc,art",
