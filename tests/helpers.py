@@ -1,4 +1,13 @@
-"""Helpers shared by the tests: the flags of a small run, and those flags cut to what a method reads."""
+"""Helpers shared by the tests: the flags of a small run, those flags cut to what a method reads, and a
+two-process torchrun of train_stream.py."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def only_read(argv: list[str]) -> list[str]:
@@ -23,3 +32,23 @@ REDUCED = ["--order", "numglue,art", "--n-train", "16", "--n-test", "4", "--epoc
 REDUCED += ["--eval-batch-size", "8", "--probe-size", "2", "--tiny-pretrain-steps", "3", "--num-experts", "3"]
 REDUCED += ["--rank", "2"]
 SMALL = REDUCED + ["--batch-size", "8", "--lr", "5e-3"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_processes(argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """train_stream.py under torchrun, 2 gloo processes of one thread each; its stderr's head (the failing
+    rank's cause) and tail on failure."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    done = subprocess.run(
+        cmd + [str(ROOT / "train_stream.py"), *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[:2000] + "\n...\n" + done.stderr[-3000:]
+    return done

@@ -8,17 +8,13 @@ differences up to 0.08% of a tensor's scale), while the planted bugs move weight
 update. The tolerance is 0.3% of each tensor's scale."""
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import realformat as rf
 import torch
-from helpers import SMALL, only_read
+from helpers import SMALL, only_read, two_processes
 from safetensors.torch import load_file
 
 import config
@@ -50,27 +46,6 @@ def one_process(cache, out, *extra):
         return ts.run(ts.parse_args(args(cache, out, *extra))[0])
     finally:
         torch.set_num_threads(threads)
-
-
-def two_processes(argv: list[str], timeout=300) -> subprocess.CompletedProcess:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {
-        "OMP_NUM_THREADS": "1"
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={port}",
-        str(ROOT / "train_stream.py"),
-        *argv,
-    ]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[:2000] + "\n...\n" + done.stderr[-3000:]
-    return done
 
 
 def assert_close(a_path, b_path, tolerance=3e-3):

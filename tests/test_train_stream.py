@@ -8,15 +8,11 @@ barely pretrained base, is for the tests that only need the machinery to run."""
 
 import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import SMALL, only_read
+from helpers import SMALL, free_port, only_read, two_processes
 from safetensors.torch import load_file
 
 import config
@@ -240,12 +236,6 @@ def test_command_line_precedence_and_errors(tmp_path):
         ts.parse_args(["--num-experts", "3", "--total-rank", "16"])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def small_run(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "small"
@@ -257,23 +247,7 @@ def test_two_process_gloo_run_matches_one_process(small_run, tmp_path):
     # also from an empty cache: under torchrun rank 0 builds the base and rank 1 waits for it
     # (planted bug: both build, and one fails to move its copy into place)
     out = tmp_path / "ddp"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        str(ROOT / "train_stream.py"),
-        *SMALL,
-        "--cache-dir",
-        str(tmp_path / "empty-cache"),
-        "--out",
-        str(out),
-    ]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[:2000] + "\n...\n" + done.stderr[-3000:]  # the cause and the end
+    done = two_processes([*SMALL, "--cache-dir", str(tmp_path / "empty-cache"), "--out", str(out)], timeout=240)
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert done.stdout.count("building the pretrained tiny base") == 1
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -306,24 +280,7 @@ def test_two_processes_train_what_a_method_adds_or_unfreezes_as_one_does(cache, 
         ts.run(small(cache, one, "--method", method, *uneven))
     finally:
         torch.set_num_threads(threads)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {
-        "OMP_NUM_THREADS": "1"
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        str(ROOT / "train_stream.py"),
-        *only_read(SMALL + ["--method", method, *uneven]),
-        "--cache-dir",
-        cache,
-        "--out",
-        str(two),
-    ]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[:2000] + "\n...\n" + done.stderr[-3000:]  # the cause and the end
+    two_processes([*only_read(SMALL + ["--method", method, *uneven]), "--cache-dir", cache, "--out", str(two)])
     a, b = load_file(two / "ckpt" / "task2.safetensors"), load_file(one / "ckpt" / "task2.safetensors")
     assert set(a) == set(b) and any(k.startswith(("l2p_pool.", "model.language_model.")) for k in a)
     for key in a:  # the batch split changes summation order: measured up to 0.08% of a tensor's
