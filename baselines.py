@@ -34,7 +34,7 @@ its own flags. Nothing here reads files; what it knows of LLaVA is the module na
 unfreezes, the "layers.N." of decoder layers (HiDe's top layer) and the input embeddings (L2P).
 A method that needs passes of its own gets them from the loop: `forward` (EWC, MAS) and
 `features` (L2P, HiDe-LLaVA, DDAS). How each method differs from its paper, its original code
-and the benchmark's code: DESIGN.md, section 7, numbered; the code cites them ("deviation 2").
+and the benchmark's code: DESIGN.md, section 7, numbered; the code cites them ("DESIGN.md 7, ewc 3").
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class UniformWeights(FusedPASsMoELinear):
 class Method:
     """Sequential fine-tuning: each task trains on its own data, nothing else is added.
 
-    cfg: the run's settings (train_stream.RunConfig); cfg.method_args holds the method's own flags
+    cfg: the run's settings (config.RunConfig); cfg.method_args holds the method's own flags
     model: the model holding the PASs layers (not the DDP wrapper)
     stream: the tasks in training order (data.Task: key, train, test)
     forward: examples -> (logits, labels) of the model on them, labels -100 outside answers
@@ -544,7 +544,7 @@ class L2P(Method):
 
 
 class _TaskExperts(Method):
-    """The PASs layers hold one expert per task (train_stream gives them num_experts = T, the same
+    """The PASs layers hold one expert per task (config.adapters gives them num_experts = T, the same
     total rank split over the tasks); task t trains expert t only, in every layer, with the gate
     set to it. Subclasses choose, for each test input, a mixture over the tasks seen so far."""
 
@@ -766,7 +766,7 @@ class Spec:
     layer: type = FusedPASsMoELinear  # the PASs layer class
     layer_args: tuple = ()  # its extra arguments, taken from the method's flags or the run's (seed)
     stabilize: bool = False  # Eq. 11 on the PASs layers (lambda_a, lambda_b, weight_clip apply)
-    flags: dict = field(default_factory=dict)  # name -> engine.Flag, values in cfg.method_args
+    flags: dict = field(default_factory=dict)  # name -> engine.flags.Flag, values in cfg.method_args
     shardable: bool = False  # runs under FSDP2 (--shard)
     state_copies: float = 0  # adapter-sized fp32 tensors it keeps besides the model (the memory plan)
     saved_copies: float = 0  # how many of them its checkpoints hold (EWC, MAS: the Fisher and the anchors)

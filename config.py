@@ -61,7 +61,9 @@ class RunConfig:
         choices=("sanity", "ctbench"),
     )
     data_root: str | None = flag(None, "ctbench: the folder holding reasoning_train/ and reasoning_test/")
-    image_root: str | None = flag(None, "ctbench: where the records' image paths start (default: DATA_ROOT/images)")
+    image_root: str | None = flag(
+        None, "ctbench: where the records' image paths start (default: DATA_ROOT/images if it exists, else DATA_ROOT)"
+    )
     model: str = flag("tiny", "tiny (a small LLaVA-1.5 pretrained here, cached) or a LLaVA-1.5 folder or hub name")
     cache_dir: str = flag("cache", "tiny: where the pretrained tiny base is cached")
     tiny_pretrain_steps: int = flag(2500, "tiny: pretraining steps of the tiny base (part of its cache key)", min=1)
@@ -119,8 +121,8 @@ class RunConfig:
     # the engine, and the memory plan
     shard: bool = flag(
         False,
-        "FSDP2: decoder layers and LM head sharded over the GPUs, for what does not fit one "
-        "GPU under DDP (seqft, ewc, mas; also seqlora, replay, joint)",
+        "FSDP2: decoder layers and LM head sharded over the GPUs (seqft, ewc, mas, seqlora, replay, joint): "
+        "what seqft needs on any GPU, and the others on GPUs too small for DDP",
     )
     dry_run: bool = flag(
         False,
@@ -128,7 +130,9 @@ class RunConfig:
         "memory per GPU, and stop: exit 0 if it fits, 1 with the flag to change if not",
     )
     gpus: int | None = flag(None, "--dry-run: plan for this many GPUs (default: the processes of this run)", min=1)
-    gpu_memory: float | None = flag(None, "--dry-run: plan for GPUs of this many GiB (default: this GPU's)", above=0)
+    gpu_memory: float | None = flag(
+        None, "--dry-run: plan for GPUs of this many GiB, as torch reports them (default: this GPU's)", above=0
+    )
     keep_checkpoints: str = flag(
         "all",
         "all: every task's checkpoint (the analyses read them); last: only the newest (what --resume needs)",

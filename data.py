@@ -7,7 +7,7 @@
     Collator                      LLaVA-1.5 token ids as the checkpoint's processor makes them,
                                   label masks, right/left padding, batches by length
 
-    python data.py check ROOT [--order A|B|key,key,...] [--image-root DIR] [--model DIR]
+    python data.py check ROOT [--order A|B|C|D|key,key,...] [--image-root DIR] [--model DIR]
 
 Every example is `USER: <image>\\n{problem} ASSISTANT: {solution}</s>` (no <image> for
 text-only tasks); the loss sees only the solution and the end token. The sanity stream, this
@@ -490,7 +490,7 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="validate an MLLM-CTBench directory (non-zero exit on any problem)")
     c.add_argument("root", type=Path, help="directory holding reasoning_train/ and reasoning_test/")
-    c.add_argument("--order", default="A", help="A, B, or comma-separated task keys")
+    c.add_argument("--order", default="A", help="A, B, C, D, or comma-separated task keys")
     c.add_argument(
         "--image-root",
         type=Path,

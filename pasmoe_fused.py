@@ -81,7 +81,7 @@ class WeightedDrift(torch.autograd.Function):
 
 
 class FusedPASsMoELinear(PASsMoELinear):
-    """PASsMoELinear computed by the Functions above. Subclasses may still override `mixture` (routers)."""
+    """PASsMoELinear computed by the Functions above. Subclasses may still override `gate` (routers)."""
 
     def gate(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         return EnergyGate.apply(self.responses(x) if z is None else z, self.cfg.temperature)

@@ -6,6 +6,7 @@
     processes.py   torchrun's processes and devices, the one check of torch.distributed
     memory.py      the memory plan of a run (--dry-run), from a model built on the meta device
 
-Nothing here knows the method or the model: torch and the standard library only (runs.py asks
-transformers for its version, to record it).
+Nothing here knows the method: torch and the standard library only (runs.py asks transformers for its
+version, to record it). memory.py alone knows the model's shape: LLaVA's module names and a Llama
+decoder layer's tensors.
 """

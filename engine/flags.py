@@ -34,7 +34,7 @@ class Flag:
 
 
 def flag(default, help: str, **allowed) -> Any:
-    """A dataclass field that is also a command-line flag (train_stream.RunConfig)."""
+    """A dataclass field that is also a command-line flag (config.RunConfig)."""
     return dataclasses.field(default=default, metadata={"flag": Flag(default, help, **allowed)})
 
 

@@ -7,8 +7,9 @@ bf16 with fused attention, from the tensors autograd keeps (measured on CPU for 
 bytes per token for hidden size h and MLP width i; tests/test_scale.py checks it against a measurement),
 plus each PASs layer's z (2 E r bytes) and pi (4 E bytes) per token and the bf16 copies of its adapters
 that autocast makes. With gradient checkpointing a layer keeps only its input (2 h bytes per token) and one
-layer's activations exist at a time. The peak is the larger of training and evaluation (the optimizer's
-state is freed after each task; generation adds its KV cache).
+layer's activations exist at a time. The peak is the largest of training, evaluation (the optimizer's
+state is freed after each task; generation adds its KV cache; DDP's gradient buckets stay) and setup
+(every rank holds the whole model before FSDP2 shards it).
 """
 
 from __future__ import annotations

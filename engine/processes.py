@@ -2,7 +2,7 @@
 whole model on every GPU, and FSDP2, which shards it), and what every rank must do together.
 
     init_processes         each rank's device, set before the first collective, then the process group
-    data_parallel, shard   DDP, or FSDP2 (fully_shard) for what does not fit one GPU under DDP
+    data_parallel, shard   DDP, or FSDP2 (fully_shard), which shards what DDP keeps whole on every GPU
     gradient_sync          DDP's no_sync on all but the last micro-batch of a step
     finish_gradients       averaging the gradients of what FSDP2 keeps whole on every rank
     lockstep, gather       the same number of forwards on every rank (FSDP2 gathers weights in each);

@@ -91,8 +91,9 @@ class RunDir:
 
     def open(self, fresh: dict | None, tasks: int, changed: dict) -> dict:
         """The run's state. A new run's rank 0 creates the directory with its config (`fresh`); a resumed run
-        keeps its config, but for `changed` (paths, which may move between attempts). Every rank then checks
-        that it sees the directory: the ranks of a multi-node run need it on one shared filesystem."""
+        keeps its config, but for `changed` (what may change on a resume: config.RESUME_MAY_CHANGE, given
+        again). Every rank then checks that it sees the directory: the ranks of a multi-node run need it on
+        one shared filesystem."""
         rank, world = rank_world()
         if rank == 0 and fresh is not None:
             self.create(fresh)

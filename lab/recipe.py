@@ -41,7 +41,7 @@ def meta_model(method: str) -> tuple[torch.nn.Module, float]:
 
 def fits(peak: float) -> str:
     """The smallest of the two GPU sizes this peak (GiB per GPU) fits, leaving CUDA its margin."""
-    sizes = [gb for gb in (80, 96) if peak <= memory.ALLOCATOR_MARGIN * gb * 1e9 / memory.GIB]
+    sizes = [gb for gb in (80, 96) if peak <= memory.ALLOCATOR_MARGIN * gb]  # the cards' sizes, taken as GiB
     return f"{peak:.1f} (fits {sizes[0]} GB)" if sizes else f"{peak:.1f} (fits neither)"
 
 

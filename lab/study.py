@@ -9,8 +9,8 @@ Runs are resumable, and several study processes may share DIR (one per core; giv
 OMP_NUM_THREADS=1): a run is claimed by a lock file. Other flags of train_stream.py set the
 settings every run shares (e.g. --lr 1.5e-3); a directory made with other settings is refused.
 
-The study, in the order it must be read (README, "Results"; the rules were written there before
-any run of the study was looked at):
+The study, in the order it must be read (the rules are the constants below, CALIBRATION, CLAIMS,
+LEARNABILITY, written before any run they judge was looked at; DESIGN.md, section 8, states them):
 1. calibration: methods whose behaviour is known (REFERENCES) must come out as expected on every
    order of CALIBRATED_ORDERS, by the fixed criteria of CALIBRATION, in every seed;
 2. the paper's claims (CLAIMS), each a paired comparison over seeds on orders A and B: a seed is
@@ -80,7 +80,7 @@ CALIBRATION = {  # fixed before any method under test was looked at (DESIGN.md, 
     "seqlora_bwt": (-45.0, -10.0),  # sequential fine-tuning forgets clearly, not totally (paper BWT)
     "replay_gap": 10.0,  # replay's mean AP beats seqlora's by this much, and the seed ranges are apart
 }
-# Written before the scale-matched runs (issue 31): where the claims are judged, the paper's main comparison,
+# Written before the scale-matched runs: where the claims are judged, the paper's main comparison,
 # MoELoRA, must learn every task as the reference methods must, right after its own training, in every seed.
 LEARNABILITY = {"method": "moelora", "learned": CALIBRATION["learned"]}
 

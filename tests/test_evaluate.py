@@ -253,7 +253,7 @@ def test_cl_metrics_reproduces_the_paper(row):
 
 
 def test_replay_row_does_not_follow_either_convention():
-    # SPEC section 5: the paper's Replay BWT (-8.29) follows from neither denominator.
+    # DESIGN.md, section 5: the paper's Replay BWT (-8.29) follows from neither denominator.
     final = [40.64, 25.44, 34.37, 60.15, 31.79, 23.68, 78.25]
     forget = [-12.56, -7.97, -14.09, -11.83, -2.34, -3.21]
     m = cl_metrics(matrix_from_paper(final, forget))
