@@ -372,6 +372,14 @@ def settings_problems(cfg: RunConfig, given: dict, flags: dict) -> list[str]:
         )
     if cfg.recipe == "paper" and cfg.model == "tiny":
         problems.append("--recipe paper is LLaVA-1.5-7B's: add --model llava-hf/llava-1.5-7b-hf (or a local copy)")
+    if Path(cfg.out).exists() and not cfg.dry_run:
+        problems.append(f"--out {cfg.out} exists: choose another, or --resume it")
+    return problems + process_problems(cfg)
+
+
+def process_problems(cfg: RunConfig) -> list[str]:
+    """What the processes of torchrun and --shard refuse."""
+    problems = []
     if cfg.batch_size < int(os.environ.get("WORLD_SIZE", 1)):
         problems.append(f"--batch-size {cfg.batch_size} is smaller than the {os.environ['WORLD_SIZE']} processes")
     if cfg.shard and "RANK" not in os.environ and not cfg.dry_run:
@@ -383,11 +391,9 @@ def settings_problems(cfg: RunConfig, given: dict, flags: dict) -> list[str]:
         problems.append(
             "--shard keeps the projector whole on every rank; it trains no projector (drop --train-projector)"
         )
-    if cfg.shard and not spec.shardable:
+    if cfg.shard and not METHODS[cfg.method].shardable:
         shardable = ", ".join(name for name, other in METHODS.items() if other.shardable)
         problems.append(f"--shard: {cfg.method} runs under DDP only (its memory: --dry-run); sharded: {shardable}")
-    if Path(cfg.out).exists() and not cfg.dry_run:
-        problems.append(f"--out {cfg.out} exists: choose another, or --resume it")
     return problems
 
 

@@ -50,15 +50,8 @@ def plan(model: torch.nn.Module, text_config, s: Setting) -> dict[str, float]:
     master = sum(4 * p.numel() / split(n) for n, p in trained)  # fp32 weights; gradients as many; AdamW twice
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # anchors, importance: whole on each GPU
     largest = max((p.numel() for _, p in trained), default=0)
-    h, i, L = text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers
-    heads, vocab = text_config.num_attention_heads, text_config.vocab_size
-    pas = [m for m in model.modules() if hasattr(m, "lora_A")]
-    adapter_token = sum(2 * m.lora_A.shape[0] * m.lora_A.shape[1] + 4 * m.lora_A.shape[0] for m in pas) / max(1, L)
-    adapter_copies = sum(2 * (m.lora_A.numel() + m.lora_B.numel()) for m in pas) / max(1, L)  # autocast's bf16 A, B
-    tokens = s.micro_batch * s.max_length
-    layer_acts = tokens * (24.5 * h + 8 * i + 5 * heads + adapter_token) + adapter_copies
-    activations = (L * tokens * 2 * h + layer_acts) if s.checkpointing else L * layer_acts
-    logits = tokens * vocab * (2 + 4 + 4)  # bf16 logits; the answer positions' fp32 cast and its softmax (bound)
+    h, L = text_config.hidden_size, text_config.num_hidden_layers
+    activations, logits = _activations(model, text_config, s)
     gathered = 2 * 2 * max((sum(p.numel() for p in layer.parameters()) for layer in _units(model)), default=0)
     train = {
         "frozen weights": frozen,
@@ -95,6 +88,19 @@ def plan(model: torch.nn.Module, text_config, s: Setting) -> dict[str, float]:
     rows["peak of setup (before sharding)"] = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
     rows["peak"] = max(rows["peak of training"], rows["peak of evaluation"], rows["peak of setup (before sharding)"])
     return rows
+
+
+def _activations(model: torch.nn.Module, text_config, s: Setting) -> tuple[float, float]:
+    """Bytes of the activations autograd keeps in one micro-batch's forward, and of its logits."""
+    h, i, L = text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers
+    heads, vocab = text_config.num_attention_heads, text_config.vocab_size
+    pas = [m for m in model.modules() if hasattr(m, "lora_A")]
+    adapter_token = sum(2 * m.lora_A.shape[0] * m.lora_A.shape[1] + 4 * m.lora_A.shape[0] for m in pas) / max(1, L)
+    adapter_copies = sum(2 * (m.lora_A.numel() + m.lora_B.numel()) for m in pas) / max(1, L)  # autocast's bf16 A, B
+    tokens = s.micro_batch * s.max_length
+    layer_acts = tokens * (24.5 * h + 8 * i + 5 * heads + adapter_token) + adapter_copies
+    activations = (L * tokens * 2 * h + layer_acts) if s.checkpointing else L * layer_acts
+    return activations, tokens * vocab * (2 + 4 + 4)  # bf16 logits; the answers' fp32 cast and its softmax (bound)
 
 
 def advice(model: torch.nn.Module, text_config, s: Setting, capacity: float, shardable: bool) -> str:
