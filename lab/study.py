@@ -15,7 +15,7 @@ LEARNABILITY, written before any run they judge was looked at; DESIGN.md, sectio
    order of CALIBRATED_ORDERS, by the fixed criteria of CALIBRATION, in every seed;
 2. the paper's claims (CLAIMS), each a paired comparison over seeds on orders A and B: a seed is
    the same data, order and initialization for both methods. A claim is supported when the 95%
-   interval of the claimed difference (lab.stats.paired_difference) excludes 0 in the claimed
+   interval of the seed-by-seed differences (lab.stats.mean_interval) excludes 0 in the claimed
    direction, contradicted when it excludes 0 in the other, and not resolved otherwise, with the
    interval's half-width: the smallest difference this study could have resolved;
 3. the other systems of the paper's Table 1, the lambda frontier and the number of experts.
@@ -40,7 +40,7 @@ import train_stream
 from baselines import METHODS
 from evaluate import just_trained, load_run
 from lab import analyses
-from lab.stats import mean_interval, paired_difference, prediction_interval
+from lab.stats import mean_interval, prediction_interval
 
 # ---- the plan ----
 
@@ -337,6 +337,22 @@ def verdict(mean: float, low: float, high: float, digits: int = 2) -> str:
     return "supported" if low > 0 else "contradicted" if high < 0 else f"not resolved (±{(high - low) / 2:.{digits}f})"
 
 
+def _paired(runs: list[dict], metric: str, a: str, b, order: str, scale: str) -> dict[int, float]:
+    """A claim's difference a − b in `metric`, seed by seed, on one order and scale (b: a method, or
+    a number that every seed of a is compared with)."""
+    va = _values(select(runs, a, order=order, mixture_scale=scale), metric)
+    vb = (
+        _values(select(runs, b, order=order, mixture_scale=scale), metric) if isinstance(b, str) else {s: b for s in va}
+    )
+    return {s: va[s] - vb[s] for s in sorted(set(va) & set(vb))}
+
+
+def _interval(diffs: dict[int, float], digits: int) -> tuple[str, tuple[float, float, float]]:
+    """'mean [low, high]' of the paired differences, and the three numbers."""
+    mean, low, high = mean_interval(list(diffs.values()))  # the differences are already paired by seed
+    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]", (mean, low, high)
+
+
 def claims(
     runs: list[dict], calibrated: set[str] | None = None, planned: int = PLAN["claims"][1], scale: str = "matched"
 ) -> str:
@@ -350,31 +366,45 @@ def claims(
         "|---|---|---|---|---|---|---|",
     ]
     for claim, what, metric, a, b in CLAIMS:
+        digits = 4 if metric == "drift" else 2
         for order in ("A", "B"):
-            va = _values(select(runs, a, order=order, mixture_scale=scale), metric)
-            vb = (
-                _values(select(runs, b, order=order, mixture_scale=scale), metric)
-                if isinstance(b, str)
-                else {s: b for s in va}
-            )
-            seeds = sorted(set(va) & set(vb))
-            if len(seeds) < planned:
+            diffs = _paired(runs, metric, a, b, order, scale)
+            if len(diffs) < planned:
                 rows.append(
-                    f"| {claim} | {what} | {order} | {len(seeds)} | | | waiting ({len(seeds)} of {planned} seeds) |"
+                    f"| {claim} | {what} | {order} | {len(diffs)} | | | waiting ({len(diffs)} of {planned} seeds) |"
                 )
                 continue
-            mean, low, high = paired_difference([va[s] for s in seeds], [vb[s] for s in seeds])
-            digits = 4 if metric == "drift" else 2
+            shown, interval = _interval(diffs, digits)
             judged = (
-                verdict(mean, low, high, digits)
-                if order in calibrated
-                else f"not judged (order {order} is not calibrated)"
+                verdict(*interval, digits) if order in calibrated else f"not judged (order {order} is not calibrated)"
             )
-            rows.append(
-                f"| {claim} | {what} | {order} | {len(seeds)} | {_cells([va[s] - vb[s] for s in seeds], digits)} | "
-                f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] | {judged} |"
-            )
+            each = _cells(list(diffs.values()), digits)
+            rows.append(f"| {claim} | {what} | {order} | {len(diffs)} | {each} | {shown} | {judged} |")
     return "\n".join(rows) + "\n"
+
+
+def verdicts(runs: list[dict], calibrated: set[str], planned: int = PLAN["claims"][1]) -> str:
+    """Both regimes of the mixture's scale side by side: each claim's mean [95% interval] and verdict,
+    on each calibrated order of A and B (claims() has every seed)."""
+    rows = [
+        "| claim | what | order | scale-matched (the default) | the paper's scale |",
+        "|---|---|---|---|---|",
+    ]
+    for claim, what, metric, a, b in CLAIMS:
+        digits = 4 if metric == "drift" else 2
+        for order in sorted(calibrated & {"A", "B"}):
+            cells = []
+            for scale in ("matched", "paper"):
+                diffs = _paired(runs, metric, a, b, order, scale)
+                if len(diffs) < planned:
+                    cells.append(f"waiting ({len(diffs)} of {planned} seeds)")
+                    continue
+                shown, interval = _interval(diffs, digits)
+                cells.append(f"{shown} {verdict(*interval, digits)}")
+            rows.append(f"| {claim} | {what} | {order} | {cells[0]} | {cells[1]} |")
+    uncalibrated = sorted({"A", "B"} - calibrated)
+    note = f"\nOrder {', '.join(uncalibrated)} failed its calibration: not judged (every seed: the tables below).\n"
+    return "\n".join(rows) + "\n" + (note if uncalibrated else "")
 
 
 def per_seed(runs: list[dict], methods, order: str, metric: str = "ap") -> str:
@@ -729,6 +759,10 @@ def _frontier_figure(study_dir: Path, curves: dict, refs: list[dict]) -> Path:
 def claim_tables(runs: list[dict], calibrated: set[str]) -> dict[str, tuple[str, str]]:
     """The claims in both regimes of the mixture's scale, and the learnability criterion, by table name."""
     return {
+        "verdicts": (
+            "The claims' verdicts in both regimes of the mixture's scale (10 paired seeds; mean a − b [95% interval])",
+            verdicts(runs, calibrated),
+        ),
         "claims": (
             "The paper's claims, scale-matched experts (the default): paired differences over seeds, and the verdicts",
             claims(runs, calibrated),

@@ -104,6 +104,26 @@ def test_claims_pair_runs_by_seed(tmp_path):
     assert cells[5] == f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
+def test_verdicts_put_each_regime_in_its_own_column(tmp_path):
+    # planted bugs: the paper's column read from the scale-matched runs (or the two swapped), or an
+    # order that failed its calibration judged anyway
+    runs = []
+    for seed, (pas, moe) in enumerate([(80, 70), (90, 82), (70, 61), (60, 52)]):
+        for scale, (a, b) in (("matched", (pas, moe)), ("paper", (moe, pas))):
+            runs.append(
+                write_run(tmp_path / f"p{seed}{scale}", "pasmoe", seed, [[a]], tasks=("x",), mixture_scale=scale)
+            )
+            runs.append(
+                write_run(tmp_path / f"m{seed}{scale}", "moelora", seed, [[b]], tasks=("x",), mixture_scale=scale)
+            )
+    table = study.verdicts(runs, calibrated={"A"}, planned=4)
+    row = next(line for line in table.splitlines() if "AP: full method above MoELoRA" in line)
+    matched, paper = [c.strip() for c in row.split("|")[4:6]]
+    assert matched.endswith("supported") and paper.endswith("contradicted")
+    assert matched.startswith("+8.75 [") and paper.startswith("-8.75 [")
+    assert "| B |" not in table and "Order B failed its calibration" in table
+
+
 # ---- the other tables ----
 
 
