@@ -1,4 +1,5 @@
-"""The GPU smoke test: what a user with one or more CUDA GPUs runs first, in under 5 minutes.
+"""The GPU smoke test: what a user with one or more CUDA GPUs runs first (meant to take under 5
+minutes; not yet run: no GPU was lent to this work).
 
     python -m lab.gpu_smoke [--out DIR]
 

@@ -124,6 +124,16 @@ def test_verdicts_put_each_regime_in_its_own_column(tmp_path):
     assert "| B |" not in table and "Order B failed its calibration" in table
 
 
+def test_regimes_read_each_scale_from_its_own_runs(tmp_path):
+    # planted bugs: the paper-scale row read from the scale-matched runs, or the lowest just-trained
+    # score taken from the last row instead of the diagonal
+    matched = write_run(tmp_path / "m", "pasmoe", 0, [[90.0, None], [60.0, 80.0]], mixture_scale="matched")
+    paper = write_run(tmp_path / "p", "pasmoe", 0, [[50.0, None], [50.0, 70.0]], mixture_scale="paper")
+    rows = {row.split("|")[2].strip(): row for row in study.regimes([matched, paper]).splitlines()[2:]}
+    assert rows["matched"].startswith("| pasmoe | matched | 1 | 70.0 | -15.0 | 85.0 | 80.0 |")
+    assert rows["paper"].startswith("| pasmoe | paper | 1 | 60.0 | 0.0 | 60.0 | 50.0 |")
+
+
 # ---- the other tables ----
 
 
