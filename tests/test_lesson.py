@@ -56,3 +56,18 @@ def test_exercise_one_at_a_reduced_size_writes_what_students_look_at(tmp_path):
         if name.startswith("figures/"):
             pytest.importorskip("matplotlib")
         assert (tmp_path / "run" / name).exists(), name
+
+
+def test_the_lesson_states_only_what_held_in_every_seed():
+    # planted bugs: a statement the study's seeds contradict kept in the lesson ("holds in 2 of 3 seeds"),
+    # a statement of lab/study.py's STATEMENTS, or an exercise's table, missing from the page, or a
+    # placeholder left for numbers that were never filled in
+    from lab import study
+
+    rows = re.findall(r"^\| (\d) \| (.+?) \| (\d+) of (\d+) seeds \|$", LESSON, re.MULTILINE)
+    assert {(e, s) for e, s, _, _ in rows} == {(e, s) for e, s, _, _ in study.STATEMENTS}
+    for exercise, statement, held, seeds in rows:
+        assert int(seeds) >= 3 and held == seeds, (exercise, statement, f"{held} of {seeds}")
+    for exercise in {row[0] for row in study.LESSON}:
+        assert f"<!-- study table: lesson-{exercise} -->\n| exercise |" in LESSON, exercise
+    assert "(no runs yet)" not in LESSON and "<!-- answer" not in LESSON and "<!-- measured" not in LESSON
