@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -52,3 +54,32 @@ def two_processes(argv: list[str], timeout: int = 300) -> subprocess.CompletedPr
     )
     assert done.returncode == 0, done.stderr[:2000] + "\n...\n" + done.stderr[-3000:]
     return done
+
+
+class ExpertLayers(torch.nn.Module):
+    """Two "decoder layers" of one PASs Linear each, named as a transformer's (layers.N.proj), on a
+    vocabulary of 7 and a width of 5, with one expert per task (baselines.ChosenExperts, as train_stream
+    gives HiDe and DDAS): the experts of the first `trained` tasks have B != 0 (all when None), the
+    others are as reset (random A, B = 0)."""
+
+    def __init__(self, experts: int = 2, trained: int | None = None):
+        from baselines import ChosenExperts
+        from pasmoe import PASsConfig, inject
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(7, 5)
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"proj": torch.nn.Linear(5, 5)}) for _ in range(2))
+        cfg = PASsConfig(num_experts=experts, rank=2, stabilize=False)
+        inject(self, cfg, target=r"proj$", layer_class=ChosenExperts)
+        with torch.no_grad():
+            for layer in (self.layers[0]["proj"], self.layers[1]["proj"]):
+                layer.lora_B[:trained].normal_()
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer["proj"](x)
+        return x

@@ -276,31 +276,10 @@ def test_olora_refuses_what_it_cannot_honour():
 
 # ---- L2P, HiDe-LLaVA, DDAS: their selection, on hand-made features ----
 
-from baselines import DDAS, L2P, ChosenExperts, HiDe  # noqa: E402
+from helpers import ExpertLayers  # noqa: E402
+
+from baselines import DDAS, L2P, HiDe  # noqa: E402
 from data import Example  # noqa: E402
-
-
-class Layers(nn.Module):
-    """Two "decoder layers" of one PASs Linear each, named as a transformer's (layers.N.proj), with
-    one expert per task (E = 2, as train_stream gives HiDe and DDAS)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(V, D)
-        self.layers = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(D, D)}) for _ in range(2))
-        inject(self, PASsConfig(num_experts=2, rank=2, stabilize=False), target=r"proj$", layer_class=ChosenExperts)
-        with torch.no_grad():
-            for layer in (self.layers[0]["proj"], self.layers[1]["proj"]):
-                layer.lora_B.normal_()
-
-    def get_input_embeddings(self):
-        return self.emb
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer["proj"](x)
-        return x
 
 
 def two_tasks(n=320, seed=0):
@@ -319,7 +298,7 @@ def two_tasks(n=320, seed=0):
 
 def after_two_tasks(cls, tasks, features):
     """A selector method on a fresh two-layer model, through both tasks' begin and end."""
-    model = Layers()
+    model = ExpertLayers()
     method = cls(SimpleNamespace(seed=0), model, tasks, None, features)
     for t in range(2):
         method.begin_task(t)
@@ -344,7 +323,7 @@ def test_the_selectors_identify_the_task_when_tasks_differ(cls):
 def test_ddas_sends_an_input_beyond_the_threshold_to_the_frozen_base():
     # planted bug: the best autoencoder's expert used however badly it reconstructs the input
     tasks, features = two_tasks()
-    model = Layers()
+    model = ExpertLayers()
     method = DDAS(SimpleNamespace(seed=0), model, tasks, None, features)
     method.begin_task(0)
     method.end_task(0)
@@ -381,7 +360,7 @@ def test_l2p_picks_the_prompts_whose_keys_are_nearest_to_the_query():
     # planted bugs: the keys farthest from the query (topk of the negated similarity), the
     # similarity as a dot product (key norms decide), the same prompts for every input
     tasks, features = two_tasks(n=4)
-    model = Layers()
+    model = ExpertLayers()
     method = L2P(SimpleNamespace(seed=0), model, tasks, None, features)
     keys = method.pool.keys["text"]
     with torch.no_grad():

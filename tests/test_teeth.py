@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SMALL, only_read
+from helpers import SMALL, ExpertLayers, only_read
 from safetensors.torch import load_file
 from torch import nn
 
@@ -24,11 +24,10 @@ import data
 import evaluate
 import llava_wrap
 import train_stream as ts
-from baselines import METHODS, ChosenExperts, HiDe, SeqFT
+from baselines import METHODS, HiDe, SeqFT
 from data import Example, Task
 from engine.runs import RunDir
 from lab import stats, study
-from pasmoe import PASsConfig, inject
 
 CPU = torch.device("cpu")
 
@@ -337,26 +336,6 @@ def test_generation_feeds_the_prompts_of_l2p(cache):
 
 # ---- 7. HiDe fuses the seen experts only ----
 
-V, D = 7, 5
-
-
-class Layers(nn.Module):
-    """Two "decoder layers" of one PASs Linear each (layers.N.proj), three experts (three tasks); the
-    experts of tasks trained so far have B != 0, the others are as reset: random A, B = 0."""
-
-    def __init__(self, trained=2):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(V, D)
-        self.layers = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(D, D)}) for _ in range(2))
-        inject(self, PASsConfig(num_experts=3, rank=2, stabilize=False), target=r"proj$", layer_class=ChosenExperts)
-        with torch.no_grad():
-            for layer in (self.layers[0]["proj"], self.layers[1]["proj"]):
-                layer.lora_B[:trained].normal_()
-
-    def get_input_embeddings(self):
-        return self.emb
-
 
 def three_tasks(n=20, seed=0):
     """Three text tasks with features in separate clusters, and a features() that returns them."""
@@ -379,7 +358,7 @@ def test_hide_fuses_only_the_seen_experts_and_restores_everything():
     def features(examples):
         return [{"image": None, "text": feats[ex]} for ex in examples]
 
-    model = Layers()
+    model = ExpertLayers(experts=3, trained=2)
     method = HiDe(SimpleNamespace(seed=0), model, tasks, None, features)
     for t in range(2):  # tasks 0 and 1 trained; task 2 not yet
         method.begin_task(t)
