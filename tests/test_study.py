@@ -32,30 +32,34 @@ def test_t_quantiles_match_the_tables(df, expected):
     assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-5)
 
 
+def coverage(covered, seed: int, trials: int = 3000) -> float:
+    """The share of `trials` simulated sets whose interval covers what it should (covered(rng) -> bool);
+    3000 sets: a binomial SE of 0.4 points around 95%."""
+    rng = random.Random(seed)
+    return sum(covered(rng) for _ in range(trials)) / trials
+
+
 @pytest.mark.parametrize("n", [5, 10, 20])
 def test_paired_interval_has_its_coverage_at_5_to_20_seeds(n):
     # planted bugs: z instead of t (covers ~88% at n = 5), sd / n instead of sd / sqrt(n)
-    rng = random.Random(n)
-    hits = 0
-    for _ in range(3000):
+    def covered(rng):
         a = [rng.gauss(2.0, 1.0) for _ in range(n)]
         b = [x - rng.gauss(0.7, 1.5) for x in a]  # a - b ~ N(0.7, 1.5)
         _, low, high = paired_difference(a, b)
-        hits += low <= 0.7 <= high
-    assert 0.935 <= hits / 3000 <= 0.965  # 3000 sets: a binomial SE of 0.4 points
+        return low <= 0.7 <= high
+
+    assert 0.935 <= coverage(covered, seed=n) <= 0.965
 
 
 @pytest.mark.parametrize("n", [3, 5, 10])
 def test_a_new_seed_falls_in_the_prediction_interval_95_times_in_100(n):
     # planted bugs: the confidence interval of the mean (sd / sqrt(n): covers a new draw ~65% at n = 5),
     # z instead of t, the sqrt(1 + 1/n) factor left out
-    rng = random.Random(n)
-    hits = 0
-    for _ in range(3000):
-        seeds = [rng.gauss(80.0, 4.0) for _ in range(n)]
-        low, high = prediction_interval(seeds)
-        hits += low <= rng.gauss(80.0, 4.0) <= high
-    assert 0.935 <= hits / 3000 <= 0.965
+    def covered(rng):
+        low, high = prediction_interval([rng.gauss(80.0, 4.0) for _ in range(n)])
+        return low <= rng.gauss(80.0, 4.0) <= high
+
+    assert 0.935 <= coverage(covered, seed=n) <= 0.965
     assert prediction_interval([98.0, 99.0, 100.0], bounds=(0, 100))[1] == 100  # a score stays a score
 
 
