@@ -407,6 +407,14 @@ def verdicts(runs: list[dict], calibrated: set[str], planned: int = PLAN["claims
     return "\n".join(rows) + "\n" + (note if uncalibrated else "")
 
 
+def _shown(values: list[float], digits: int = 1) -> str:
+    """'mean [low, high]' over seeds (95% t-interval), the value alone for one seed, '-' for none."""
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}" if values else "-"
+    mean, low, high = mean_interval(values)
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def per_seed(runs: list[dict], methods, order: str, metric: str = "ap") -> str:
     """Every seed's value of a metric per method, with the mean and a 95% t-interval of the mean."""
     rows = [f"| method | seeds | {metric.upper()}, each seed | mean [95% interval] |", "|---|---|---|---|"]
@@ -425,12 +433,6 @@ def regimes(runs: list[dict], order: str = "A") -> str:
     score right after a task's own training), kept (AP, BWT) and how far its gate drifted; means over
     seeds with a 95% interval where there are several."""
 
-    def shown(values: list[float], digits: int = 1) -> str:
-        if len(values) < 2:
-            return f"{values[0]:.{digits}f}" if values else "-"
-        mean, low, high = mean_interval(values)
-        return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-
     rows = [
         "| method | scale | seeds | AP | BWT | mean just-trained | lowest just-trained | router drift (JS bits) |",
         "|---|---|---|---|---|---|---|---|",
@@ -441,11 +443,11 @@ def regimes(runs: list[dict], order: str = "A") -> str:
             if chosen:
                 diagonal = [just_trained(r["R"]) for r in chosen]
                 cells = [
-                    shown([r["metrics"]["ap"] for r in chosen]),
-                    shown([r["metrics"]["bwt"] for r in chosen]),
-                    shown([sum(d) / len(d) for d in diagonal]),
+                    _shown([r["metrics"]["ap"] for r in chosen]),
+                    _shown([r["metrics"]["bwt"] for r in chosen]),
+                    _shown([sum(d) / len(d) for d in diagonal]),
                     f"{min(min(d) for d in diagonal):.1f}",
-                    shown(list(_values(chosen, "drift").values()), 4),
+                    _shown(list(_values(chosen, "drift").values()), 4),
                 ]
                 rows.append(f"| {method} | {scale} | {len(chosen)} | {' | '.join(cells)} |")
     return "\n".join(rows) + "\n"
@@ -483,16 +485,10 @@ def paper_comparison(runs: list[dict]) -> str:
     for r in runs:
         by.setdefault(r["method"], []).append(r)
 
-    def interval(values):
-        if len(values) < 2:
-            return f"{values[0]:.1f}" if values else "-"
-        mean, low, high = mean_interval(values)
-        return f"{mean:.1f} [{low:.1f}, {high:.1f}]"
-
     for method in sorted(by, key=lambda m: statistics.mean(r["metrics"]["ap"] for r in by[m])):
         rs = by[method]
         name, ap, bwt = PAPER_AP_BWT.get(method, ("not in the paper", None, None))
-        ours = [interval([r["metrics"][k] for r in rs if r["metrics"][k] is not None]) for k in ("ap", "bwt")]
+        ours = [_shown([r["metrics"][k] for r in rs if r["metrics"][k] is not None]) for k in ("ap", "bwt")]
         paper = f"{ap:.2f} | {bwt:.2f}" if ap is not None else "- | -"
         rows.append(f"| {method} | {len(rs)} | {ours[0]} | {ours[1]} | {name} | {paper} |")
     return "\n".join(rows) + "\n"
@@ -661,8 +657,15 @@ STATEMENTS = [  # (exercise, statement, a, b); a and b: (method, overrides, quan
 
 
 # What each quantity can take: a prediction interval is cut to it (a score above 100 is no prediction).
-BOUNDS = {"ap": (0, 100), "lowest_diag": (0, 100), "diag": (0, 100), "top10": (0, 100), "drift": (0, 1)}
-BOUNDS |= {"decile": (0, math.inf)}  # forgot, bwt: a difference of two scores, in [-100, 100]
+# forgot and bwt, differences of two scores, take [-100, 100] (the default).
+BOUNDS = {
+    "ap": (0, 100),
+    "lowest_diag": (0, 100),
+    "diag": (0, 100),
+    "top10": (0, 100),
+    "drift": (0, 1),
+    "decile": (0, math.inf),
+}
 
 
 def _lesson_value(run: dict, quantity: str) -> float | None:
