@@ -39,10 +39,15 @@ def meta_model(method: str) -> tuple[torch.nn.Module, float]:
     return model, METHODS[method].state_copies
 
 
+def smallest_gpu(peak: float) -> int | None:
+    """The smallest of the two GPU sizes (GB) that holds this peak (GiB per GPU), leaving CUDA its margin;
+    None if neither does."""
+    return next((gb for gb in (80, 96) if peak <= memory.ALLOCATOR_MARGIN * gb), None)  # sizes taken as GiB
+
+
 def fits(peak: float) -> str:
-    """The smallest of the two GPU sizes this peak (GiB per GPU) fits, leaving CUDA its margin."""
-    sizes = [gb for gb in (80, 96) if peak <= memory.ALLOCATOR_MARGIN * gb]  # the cards' sizes, taken as GiB
-    return f"{peak:.1f} (fits {sizes[0]} GB)" if sizes else f"{peak:.1f} (fits neither)"
+    gb = smallest_gpu(peak)
+    return f"{peak:.1f} (fits {gb} GB)" if gb else f"{peak:.1f} (fits neither)"
 
 
 def table() -> str:
@@ -61,8 +66,8 @@ def table() -> str:
             peaks.append(memory.plan(model, text, setting)["peak"] if spec.shardable or not shard else None)
         cells = [fits(peak) if peak is not None else "-" for peak in peaks]
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        too_big = peaks[1] > memory.ALLOCATOR_MARGIN * 80e9 / memory.GIB
-        flags = f"--method {method}" + (" --shard" if too_big and spec.shardable else "")
+        ddp_too_big = smallest_gpu(peaks[1]) != 80  # 8 GPUs of 80 GB under DDP do not hold it
+        flags = f"--method {method}" + (" --shard" if ddp_too_big and spec.shardable else "")
         rows.append(
             f"| {method} | {trained / 1e9:.2f} B | {' | '.join(cells)} | "
             f"{memory.checkpoint_bytes(model, spec.saved_copies) / memory.GIB:.1f} GiB | `{flags}` |"
